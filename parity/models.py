@@ -1,0 +1,298 @@
+"""Model sources: hub ids, local checkpoint directories and built-in random-weight checkpoints.
+
+Built-ins (``random:tiny``, ``random:0.6b``) are made deterministically from a seed, saved once to
+a cache directory and then loaded through the same public ``Qwen3TTSModel.from_pretrained`` path
+as any real checkpoint, so the loading code that users rely on is the code the tests run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from parity.errors import BadInput
+
+# Files a Qwen3-TTS checkpoint directory must have for `Qwen3TTSModel.from_pretrained`.
+REQUIRED_FILES = ("config.json", "generation_config.json", "speech_tokenizer/config.json")
+BUILTIN_PREFIX = "random:"
+CHECKPOINT_FORMAT = 1  # bump when the built-in recipe changes, so stale caches are rebuilt
+
+
+@dataclass(frozen=True)
+class RandomSpec:
+    """Dimensions of a built-in random-weight checkpoint."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    mrope_section: tuple[int, int, int]
+    text_vocab: int
+    text_hidden: int
+    codebook: int
+    predictor_layers: int
+    decoder_hidden: int
+    decoder_layers: int
+    decoder_latent: int
+    decoder_dim: int
+    decoder_intermediate: int
+    decoder_heads: int
+    codebook_dim: int
+
+
+BUILTINS: dict[str, RandomSpec] = {
+    # Small enough to build and generate a few dozen frames in about a second on a CPU.
+    "tiny": RandomSpec(
+        name="tiny", hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128,
+        mrope_section=(4, 2, 2), text_vocab=512, text_hidden=64, codebook=256,
+        predictor_layers=2, decoder_hidden=32, decoder_layers=2, decoder_latent=32,
+        decoder_dim=32, decoder_intermediate=64, decoder_heads=2, codebook_dim=32,
+    ),
+    # The public Qwen3-TTS-12Hz-0.6B dimensions (not the package defaults).
+    "0.6b": RandomSpec(
+        name="0.6b", hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, intermediate=3072,
+        mrope_section=(24, 20, 20), text_vocab=151936, text_hidden=2048, codebook=2048,
+        predictor_layers=5, decoder_hidden=512, decoder_layers=8, decoder_latent=1024,
+        decoder_dim=1536, decoder_intermediate=1024, decoder_heads=16, codebook_dim=512,
+    ),
+}
+ALIASES = {"tiny": "random:tiny", "tiny-0.6b-dims": "random:0.6b", "random:0.6b-dims": "random:0.6b"}
+
+SPEAKERS = ("vivian", "ryan")
+LANGUAGES = ("english", "chinese")
+SPECIAL_TEXT_TOKENS = (
+    "<|im_start|>", "<|im_end|>", "<|tts_pad|>", "<|tts_text_bos|>", "<|tts_text_eod|>", "<|endoftext|>",
+)
+
+
+def cache_root() -> Path:
+    """Where built-in checkpoints live: $PARITY_CACHE, else the user cache directory."""
+    env = os.environ.get("PARITY_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("parity"))
+
+
+def resolve_model(source: str, seed: int = 0) -> Path | str:
+    """Turn a ``--model`` value into something ``from_pretrained`` accepts.
+
+    Built-ins become a cached local directory (built on first use); local directories are
+    checked for the files a checkpoint needs; anything else is passed on as a hub id.
+    """
+    source = ALIASES.get(source, source)
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):]
+        if name not in BUILTINS:
+            raise BadInput(
+                f"unknown built-in model '{source}'; available: "
+                + ", ".join(BUILTIN_PREFIX + n for n in BUILTINS)
+            )
+        return ensure_builtin(name, seed)
+    path = Path(source).expanduser()
+    if path.exists() or source.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise BadInput(f"model path '{source}' is not a directory; pass a checkpoint directory, a hub id or random:tiny")
+        missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+        if missing:
+            raise BadInput(
+                f"model directory '{source}' lacks {', '.join(missing)}; a Qwen3-TTS checkpoint needs "
+                + ", ".join(REQUIRED_FILES)
+            )
+        return path
+    if source.count("/") != 1:
+        raise BadInput(f"model '{source}' is neither a directory nor a hub id (owner/name) nor a built-in (random:tiny, random:0.6b)")
+    return source
+
+
+def ensure_builtin(name: str, seed: int = 0) -> Path:
+    """Return the cached directory of built-in ``name``, building it atomically if absent."""
+    target = cache_root() / f"random-{name}-seed{seed}-v{CHECKPOINT_FORMAT}"
+    if all((target / f).is_file() for f in REQUIRED_FILES):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build_random_checkpoint(BUILTINS[name], tmp, seed)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race, or a stale partial dir is in the way
+            if all((target / f).is_file() for f in REQUIRED_FILES):
+                return target
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _codec_ids(codebook: int) -> dict:
+    """Special codec ids, all in the top 1024 block of the talker vocabulary (generate suppresses
+    that block except EOS, so specials must live there)."""
+    base = codebook
+    return {
+        "codec_pad_id": base + 100, "codec_bos_id": base + 101, "codec_eos_token_id": base + 102,
+        "codec_think_id": base + 106, "codec_nothink_id": base + 107,
+        "codec_think_bos_id": base + 108, "codec_think_eos_id": base + 109,
+        "codec_language_id": {lang: base + 200 + i for i, lang in enumerate(LANGUAGES)},
+        "spk_id": {spk: base + 300 + i for i, spk in enumerate(SPEAKERS)},
+        "spk_is_dialect": {spk: False for spk in SPEAKERS},
+    }
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The GPT-2 byte-level alphabet: printable bytes map to themselves, the rest to 256+."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def _write_text_tokenizer(out: Path) -> dict[str, int]:
+    """A byte-level Qwen2 tokenizer: 256 byte tokens, merges making `assistant` one token (generate
+    slices the prompt by token position), and the chat/TTS specials. Returns the special ids."""
+    from transformers import Qwen2Tokenizer
+
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = {ch: i for i, ch in enumerate(byte_chars)}
+    merges, word = [], "assistant"
+    prefix = word[0]
+    for ch in word[1:]:
+        merges.append(f"{prefix} {ch}")
+        prefix += ch
+        vocab.setdefault(prefix, len(vocab))
+    for special in SPECIAL_TEXT_TOKENS:
+        vocab[special] = len(vocab)
+    tok = Qwen2Tokenizer(
+        vocab=vocab, merges=[tuple(m.split(" ")) for m in merges],
+        unk_token=None, bos_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+    )
+    tok.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TEXT_TOKENS if t != "<|endoftext|>"]})
+    from qwen_tts.core.models import Qwen3TTSProcessor
+
+    Qwen3TTSProcessor(tokenizer=tok).save_pretrained(str(out))
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TEXT_TOKENS}
+    assert len(tok("assistant")["input_ids"]) == 1, "byte tokenizer must keep 'assistant' whole"
+    return ids
+
+
+def _config_dict(spec: RandomSpec, text_ids: dict[str, int]) -> dict:
+    predictor = {
+        "vocab_size": spec.codebook, "hidden_size": spec.hidden, "intermediate_size": spec.intermediate,
+        "num_hidden_layers": spec.predictor_layers, "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads, "head_dim": spec.head_dim, "num_code_groups": 16,
+        "max_position_embeddings": 65536, "rope_theta": 1000000, "rms_norm_eps": 1e-6,
+        "layer_types": ["full_attention"] * spec.predictor_layers, "use_sliding_window": False,
+    }
+    talker = {
+        "code_predictor_config": predictor, "vocab_size": spec.codebook + 1024,
+        "hidden_size": spec.hidden, "intermediate_size": spec.intermediate,
+        "num_hidden_layers": spec.layers, "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads, "head_dim": spec.head_dim, "num_code_groups": 16,
+        "text_hidden_size": spec.text_hidden, "text_vocab_size": spec.text_vocab,
+        "max_position_embeddings": 32768, "rope_theta": 1000000, "rms_norm_eps": 1e-6,
+        "rope_scaling": {"interleaved": True, "mrope_section": list(spec.mrope_section), "rope_type": "default"},
+        "hidden_act": "silu", "position_id_per_seconds": 13,
+        **_codec_ids(spec.codebook),
+    }
+    return {
+        "architectures": ["Qwen3TTSForConditionalGeneration"], "model_type": "qwen3_tts",
+        "talker_config": talker, "speaker_encoder_config": {},
+        "tokenizer_type": "qwen3_tts_tokenizer_12hz", "tts_model_size": "0b6" if spec.name == "0.6b" else spec.name,
+        "tts_model_type": "custom_voice",
+        "im_start_token_id": text_ids["<|im_start|>"], "im_end_token_id": text_ids["<|im_end|>"],
+        "tts_pad_token_id": text_ids["<|tts_pad|>"], "tts_bos_token_id": text_ids["<|tts_text_bos|>"],
+        "tts_eos_token_id": text_ids["<|tts_text_eod|>"], "dtype": "bfloat16",
+    }
+
+
+def _round_to_bf16(module) -> None:
+    """Real checkpoints are stored in bf16: keep every weight bf16-representable."""
+    import torch
+
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.to(torch.bfloat16).to(p.dtype))
+
+
+def _build_speech_tokenizer(spec: RandomSpec, out: Path, seed: int) -> None:
+    import torch
+    from qwen_tts.core import Qwen3TTSTokenizerV2Config, Qwen3TTSTokenizerV2Model
+    from transformers import EncodecFeatureExtractor
+
+    decoder = {
+        "codebook_size": spec.codebook, "hidden_size": spec.decoder_hidden, "latent_dim": spec.decoder_latent,
+        "num_attention_heads": spec.decoder_heads, "num_key_value_heads": spec.decoder_heads,
+        "intermediate_size": spec.decoder_intermediate, "num_hidden_layers": spec.decoder_layers,
+        "num_quantizers": 16, "decoder_dim": spec.decoder_dim, "codebook_dim": spec.codebook_dim,
+        "upsample_rates": [8, 5, 4, 3], "upsampling_ratios": [2, 2], "sliding_window": 72,
+        "max_position_embeddings": 8000,
+    }
+    # The encoder (Mimi) is only used for voice-clone references; keep it small at any size.
+    encoder = {
+        "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+        "head_dim": 16, "intermediate_size": 64, "num_filters": 8, "codebook_size": spec.codebook,
+        "codebook_dim": 32, "num_quantizers": 16, "num_semantic_quantizers": 1, "frame_rate": 12.5,
+        "upsampling_ratios": [8, 6, 5, 4], "sampling_rate": 24000, "upsample_groups": 32,
+    }
+    config = Qwen3TTSTokenizerV2Config(encoder_config=encoder, decoder_config=decoder)
+    torch.manual_seed(seed + 1)
+    model = Qwen3TTSTokenizerV2Model(config).eval()
+    with torch.no_grad():
+        for name, m in model.decoder.named_modules():
+            if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
+                fan_in = m.weight.shape[1] * m.weight.shape[2] if isinstance(m, torch.nn.Conv1d) else m.weight.shape[0] * m.weight.shape[2]
+                m.weight.normal_(0.0, (1.0 / fan_in) ** 0.5)
+                if m.bias is not None:
+                    m.bias.zero_()
+        for name, p in model.decoder.quantizer.named_parameters():
+            if name.endswith("embedding_sum"):
+                p.normal_(0.0, 1.0)
+            elif name.endswith("cluster_usage"):
+                p.fill_(1.0)
+    _round_to_bf16(model)
+    model.save_pretrained(str(out / "speech_tokenizer"))
+    EncodecFeatureExtractor(feature_size=1, sampling_rate=24000).save_pretrained(str(out / "speech_tokenizer"))
+
+
+def build_random_checkpoint(spec: RandomSpec, out: Path, seed: int = 0) -> Path:
+    """Write a complete random-weight Qwen3-TTS checkpoint of ``spec``'s dimensions to ``out``."""
+    import torch
+    from qwen_tts.core.models import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration
+
+    out.mkdir(parents=True, exist_ok=True)
+    text_ids = _write_text_tokenizer(out)
+    config_dict = _config_dict(spec, text_ids)
+    torch.manual_seed(seed)
+    model = Qwen3TTSForConditionalGeneration(Qwen3TTSConfig(**config_dict)).eval()
+    _round_to_bf16(model)
+    # Nothing is tied in this model; the package's list-valued _tied_weights_keys breaks saving.
+    for m in model.modules():
+        if isinstance(getattr(m, "_tied_weights_keys", None), list):
+            m._tied_weights_keys = None
+    model.save_pretrained(str(out), safe_serialization=True)
+    # The auto-written config does not reload (speaker_encoder_config gains model_type ""):
+    # write the dict ourselves.
+    (out / "config.json").write_text(json.dumps(config_dict, indent=2))
+    generation = {
+        "do_sample": False, "top_k": 50, "top_p": 1.0, "temperature": 0.9, "repetition_penalty": 1.0,
+        "subtalker_dosample": False, "subtalker_top_k": 50, "subtalker_top_p": 1.0,
+        "subtalker_temperature": 0.9, "max_new_tokens": 2048,
+    }
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    _build_speech_tokenizer(spec, out, seed)
+    (out / "PARITY_RANDOM.json").write_text(json.dumps({"spec": spec.name, "seed": seed, "format": CHECKPOINT_FORMAT}))
+    return out
