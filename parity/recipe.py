@@ -1,0 +1,253 @@
+"""Recipes: which two sides to compare, how to decode, which tolerances and gates apply.
+
+A recipe is a TOML file (see ``recipes/``). Every key is checked: unknown keys, wrong types and
+out-of-range values are ``BadInput`` errors naming the file and key. Command-line overrides use
+the same dotted names (``candidate.attention=sdpa``) and the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from parity.errors import BadInput
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTIONS = ("eager", "sdpa")
+DEVICES = ("auto", "cpu", "cuda")
+ENGINES = ("reference", "faster")
+
+# Relative L2 error above which a point counts as diverged, keyed by the lower-precision side's dtype.
+DEFAULT_TOLERANCES = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
+
+
+@dataclass(frozen=True)
+class Side:
+    """One engine and its numeric settings."""
+
+    engine: str = "reference"
+    dtype: str = "float32"
+    attention: str = "sdpa"
+    cache: str = "dynamic"  # "dynamic" or "static:N" (a StaticCache padded to N positions)
+    tf32: bool = False
+    device: str = "auto"
+
+    @property
+    def static_len(self) -> int | None:
+        return int(self.cache.split(":", 1)[1]) if self.cache.startswith("static:") else None
+
+    def label(self) -> str:
+        return f"{self.engine} {self.dtype}/{self.attention}/{self.cache}" + ("/tf32" if self.tf32 else "")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How both sides decode: greedy or seeded sampling, and how many frames at most."""
+
+    do_sample: bool = False
+    seed: int = 0
+    max_frames: int = 24
+    temperature: float = 0.9
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+@dataclass(frozen=True)
+class Gates:
+    """What makes a run fail (exit 1). Each gate is evaluated per prompt."""
+
+    hidden_within_tolerance: bool = True  # no point may exceed its tolerance
+    max_rel_l2: float | None = None  # no point's relative L2 error may exceed this
+    min_token_agreement: float | None = None  # free-running code agreement, 0..1
+    no_nonfinite: bool = True  # NaN/inf anywhere on the candidate side fails
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole run configuration."""
+
+    name: str = "custom"
+    model: str = "random:tiny"
+    model_seed: int = 0
+    reference: Side = field(default_factory=Side)
+    candidate: Side = field(default_factory=lambda: Side(dtype="bfloat16", attention="eager", cache="static:2048"))
+    decoding: Decoding = field(default_factory=Decoding)
+    tolerances: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
+    gates: Gates = field(default_factory=Gates)
+
+    def tolerance(self) -> float:
+        """The relative-L2 tolerance for this pair: that of the lower-precision side."""
+        order = {"float32": 0, "float16": 1, "bfloat16": 2}
+        dtype = max(self.reference.dtype, self.candidate.dtype, key=order.__getitem__)
+        return self.tolerances[dtype]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"reference": Side, "candidate": Side, "decoding": Decoding, "gates": Gates}
+_TOP = {"name": str, "model": str, "model_seed": int}
+
+
+def _check_value(where: str, key: str, value: Any, typ: Any) -> Any:
+    """Type- and range-check one value; return it converted (ints accepted for floats)."""
+    optional = typ in ("float | None", "int | None", "bool | None")
+    base = typ.replace(" | None", "") if isinstance(typ, str) else typ.__name__
+    if value is None and optional:
+        return None
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise BadInput(f"{where}: '{key}' must be true or false, got {value!r}")
+        return value
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadInput(f"{where}: '{key}' must be an integer, got {value!r}")
+        return value
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise BadInput(f"{where}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if base == "str":
+        if not isinstance(value, str):
+            raise BadInput(f"{where}: '{key}' must be a string, got {value!r}")
+        return value
+    if base.startswith("dict"):
+        if not isinstance(value, dict):
+            raise BadInput(f"{where}: '{key}' must be a table")
+        return value
+    raise AssertionError(f"unhandled type {typ}")
+
+
+def _validate_side(where: str, side: Side) -> None:
+    if side.engine not in ENGINES:
+        raise BadInput(f"{where}: unknown engine '{side.engine}'; available: {', '.join(ENGINES)}")
+    if side.dtype not in DTYPES:
+        raise BadInput(f"{where}: dtype '{side.dtype}' is not one of {', '.join(DTYPES)}")
+    if side.attention not in ATTENTIONS:
+        raise BadInput(f"{where}: attention '{side.attention}' is not one of {', '.join(ATTENTIONS)}")
+    if side.device not in DEVICES:
+        raise BadInput(f"{where}: device '{side.device}' is not one of {', '.join(DEVICES)}")
+    if side.cache != "dynamic" and not re.fullmatch(r"static:[1-9][0-9]*", side.cache):
+        raise BadInput(f"{where}: cache '{side.cache}' must be 'dynamic' or 'static:N' with N > 0 (e.g. static:2048)")
+
+
+def validate(recipe: Recipe, where: str) -> Recipe:
+    """Range checks across the whole recipe; returns it unchanged or raises BadInput."""
+    _validate_side(f"{where} [reference]", recipe.reference)
+    _validate_side(f"{where} [candidate]", recipe.candidate)
+    d = recipe.decoding
+    if not 1 <= d.max_frames <= 100000:
+        raise BadInput(f"{where} [decoding]: max_frames must be between 1 and 100000, got {d.max_frames}")
+    if d.temperature <= 0:
+        raise BadInput(f"{where} [decoding]: temperature must be > 0, got {d.temperature}")
+    if d.top_k < 0:
+        raise BadInput(f"{where} [decoding]: top_k must be >= 0, got {d.top_k}")
+    if not 0 < d.top_p <= 1:
+        raise BadInput(f"{where} [decoding]: top_p must be in (0, 1], got {d.top_p}")
+    if d.repetition_penalty <= 0:
+        raise BadInput(f"{where} [decoding]: repetition_penalty must be > 0, got {d.repetition_penalty}")
+    for dtype, tol in recipe.tolerances.items():
+        if dtype not in DTYPES:
+            raise BadInput(f"{where} [tolerances]: unknown dtype '{dtype}'; use {', '.join(DTYPES)}")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 10:
+            raise BadInput(f"{where} [tolerances]: {dtype} must be a number in (0, 10), got {tol!r}")
+    g = recipe.gates
+    if g.min_token_agreement is not None and not 0 <= g.min_token_agreement <= 1:
+        raise BadInput(f"{where} [gates]: min_token_agreement must be in [0, 1], got {g.min_token_agreement}")
+    if g.max_rel_l2 is not None and g.max_rel_l2 <= 0:
+        raise BadInput(f"{where} [gates]: max_rel_l2 must be > 0, got {g.max_rel_l2}")
+    return recipe
+
+
+def from_dict(data: dict, where: str) -> Recipe:
+    """Build a recipe from a parsed TOML table, rejecting unknown keys and wrong types."""
+    recipe = Recipe()
+    for key, value in data.items():
+        if key in _TOP:
+            recipe = replace(recipe, **{key: _check_value(where, key, value, _TOP[key].__name__)})
+        elif key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise BadInput(f"{where}: '{key}' must be a table ([{key}])")
+            recipe = _apply_section(recipe, key, value, where)
+        elif key == "tolerances":
+            if not isinstance(value, dict):
+                raise BadInput(f"{where}: 'tolerances' must be a table ([tolerances])")
+            recipe = replace(recipe, tolerances={**recipe.tolerances, **value})
+        else:
+            allowed = ", ".join([*_TOP, *_SECTIONS, "tolerances"])
+            raise BadInput(f"{where}: unknown key '{key}'; allowed: {allowed}")
+    return validate(recipe, where)
+
+
+def _apply_section(recipe: Recipe, section: str, values: dict, where: str) -> Recipe:
+    current = getattr(recipe, section)
+    types = {f.name: f.type for f in fields(current)}
+    changes = {}
+    for key, value in values.items():
+        if key not in types:
+            raise BadInput(f"{where} [{section}]: unknown key '{key}'; allowed: {', '.join(types)}")
+        changes[key] = _check_value(f"{where} [{section}]", key, value, types[key])
+    return replace(recipe, **{section: replace(current, **changes)})
+
+
+def load_recipe(path: str | Path | None) -> Recipe:
+    """Load a recipe TOML (``None`` gives the built-in default, the smoke recipe's settings)."""
+    if path is None:
+        return validate(Recipe(name="default"), "default recipe")
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"recipe '{path}' does not exist or is not a file; see recipes/ for examples")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise BadInput(f"recipe '{path}' is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise BadInput(f"recipe '{path}': TOML syntax error: {e}") from None
+    data.setdefault("name", path.stem)
+    return from_dict(data, f"recipe '{path}'")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``section.key=value`` with a TOML value (bare words are taken as strings)."""
+    if "=" not in text:
+        raise BadInput(f"--set '{text}' must look like section.key=value (e.g. candidate.attention=sdpa)")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(recipe: Recipe, overrides: list[tuple[str, Any]]) -> Recipe:
+    """Apply dotted-key overrides (from the command line) with the same checks as the TOML."""
+    data: dict[str, Any] = {}
+    for key, value in overrides:
+        parts = key.split(".")
+        if len(parts) == 1:
+            data[key] = value
+        elif len(parts) == 2:
+            data.setdefault(parts[0], {})
+            if not isinstance(data[parts[0]], dict):
+                raise BadInput(f"--set '{key}': '{parts[0]}' is not a section")
+            data[parts[0]][parts[1]] = value
+        else:
+            raise BadInput(f"--set '{key}': use section.key (one dot)")
+    merged = recipe
+    for key, value in data.items():
+        if key in _TOP:
+            merged = replace(merged, **{key: _check_value("--set", key, value, _TOP[key].__name__)})
+        elif key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise BadInput(f"--set '{key}': give a key inside it, e.g. {key}.dtype=...")
+            merged = _apply_section(merged, key, value, "--set")
+        elif key == "tolerances":
+            merged = replace(merged, tolerances={**merged.tolerances, **value})
+        else:
+            raise BadInput(f"--set: unknown key '{key}'; allowed: {', '.join([*_TOP, *_SECTIONS, 'tolerances'])}")
+    return validate(merged, "--set")

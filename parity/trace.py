@@ -1,0 +1,75 @@
+"""The Trace: what one engine did on one prompt, point by point.
+
+Layout (S talker steps, F frames, L talker layers, P predictor layers; S == F + 1):
+
+- talker step 0 is the prefill (last prompt position), talker step s >= 1 consumes frame s-1;
+  token 0 of frame s is chosen from talker step s's logits;
+- frame s's codes 1..15 come from the 15 code-predictor sub-steps of frame s (sub-step 0 is the
+  2-token prefill [talker hidden, codebook-0 embedding]);
+- hidden points are ``embed`` (the input of layer 0) followed by each decoder layer's output, all
+  at the last position.
+
+Tensors are saved with safetensors (never pickle); the rest goes into a small JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TENSOR_FIELDS = (
+    "talker_hidden", "talker_logits", "talker_tokens", "talker_choice",
+    "codes", "pred_hidden", "pred_logits", "pred_choice",
+)
+
+
+@dataclass
+class Trace:
+    """Per-point record of one engine run on one prompt (see module docstring for the layout)."""
+
+    talker_hidden: torch.Tensor  # [S, L+1, H] float32
+    talker_logits: torch.Tensor  # [S, V] float32, raw codec_head output
+    talker_tokens: torch.Tensor  # [S] long, the token-0 actually used (forced or chosen)
+    talker_choice: torch.Tensor  # [S] long, the engine's own choice
+    codes: torch.Tensor  # [F, 16] long, the codes actually used
+    pred_hidden: torch.Tensor  # [F, 15, P+1, Hp] float32
+    pred_logits: torch.Tensor  # [F, 15, Vp] float32
+    pred_choice: torch.Tensor  # [F, 15] long, the engine's own choices
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.codes.shape[0])
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.talker_tokens.shape[0])
+
+    @property
+    def forced(self) -> bool:
+        return bool(self.meta.get("forced", False))
+
+    def save(self, directory: str | Path, name: str) -> None:
+        """Write ``name.safetensors`` and ``name.json`` into ``directory`` atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: getattr(self, k).contiguous() for k in TENSOR_FIELDS}
+        tmp = directory / f".{name}.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, directory / f"{name}.safetensors")
+        tmp_json = directory / f".{name}.json.tmp"
+        tmp_json.write_text(json.dumps(self.meta, indent=1, default=str))
+        os.replace(tmp_json, directory / f"{name}.json")
+
+    @classmethod
+    def load(cls, directory: str | Path, name: str) -> "Trace":
+        """Read a trace written by :meth:`save`."""
+        directory = Path(directory)
+        tensors = load_file(str(directory / f"{name}.safetensors"))
+        meta = json.loads((directory / f"{name}.json").read_text())
+        return cls(**{k: tensors[k] for k in TENSOR_FIELDS}, meta=meta)
