@@ -273,6 +273,11 @@ def build_random_checkpoint(spec: RandomSpec, out: Path, seed: int = 0) -> Path:
     import torch
     from qwen_tts.core.models import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration
 
+    from parity.engines.reference import import_qwen_tts
+
+    import_qwen_tts()
+    from qwen_tts.core.models import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration
+
     out.mkdir(parents=True, exist_ok=True)
     text_ids = _write_text_tokenizer(out)
     config_dict = _config_dict(spec, text_ids)

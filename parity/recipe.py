@@ -21,8 +21,11 @@ ATTENTIONS = ("eager", "sdpa")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("reference", "faster")
 
-# Relative L2 error above which a point counts as diverged, keyed by the lower-precision side's dtype.
-DEFAULT_TOLERANCES = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
+# Relative L2 error above which a point counts as diverged, keyed by the lower-precision side's
+# dtype: a few unit roundoffs (fp32 2^-24, fp16 2^-11, bf16 2^-8), the error of a handful of
+# roundings, not of a broken kernel. Measured on the tiny model: fp32 eager vs sdpa 2e-7,
+# bf16 vs fp32 3e-3 at the embedding growing to ~1e-2 at the last layer.
+DEFAULT_TOLERANCES = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 
 
 @dataclass(frozen=True)
@@ -195,10 +198,18 @@ def _apply_section(recipe: Recipe, section: str, values: dict, where: str) -> Re
     return replace(recipe, **{section: replace(current, **changes)})
 
 
+def default_recipe() -> Recipe:
+    """The built-in default: the same settings as recipes/smoke.toml (works without the repo)."""
+    return Recipe(
+        name="smoke",
+        gates=Gates(hidden_within_tolerance=False, max_rel_l2=0.1, no_nonfinite=True),
+    )
+
+
 def load_recipe(path: str | Path | None) -> Recipe:
     """Load a recipe TOML (``None`` gives the built-in default, the smoke recipe's settings)."""
     if path is None:
-        return validate(Recipe(name="default"), "default recipe")
+        return validate(default_recipe(), "default recipe")
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"recipe '{path}' does not exist or is not a file; see recipes/ for examples")

@@ -45,6 +45,33 @@ class TalkerInputs:
     min_new_tokens: int
 
 
+def import_qwen_tts():
+    """Import qwen_tts without its import-time banner (a flash-attn notice on stdout, and the
+    sox package's shell probe, which writes to file descriptor 2 directly)."""
+    import io
+    import logging
+    import os
+    import sys
+
+    logging.getLogger("sox").setLevel(logging.ERROR)
+    if "qwen_tts" not in sys.modules:
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+            with contextlib.redirect_stdout(io.StringIO()):
+                import qwen_tts  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    return sys.modules["qwen_tts"]
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -78,7 +105,7 @@ class ReferenceEngine(Engine):
 
     # -- lifecycle ---------------------------------------------------------------------
     def load(self) -> None:
-        from qwen_tts import Qwen3TTSModel
+        Qwen3TTSModel = import_qwen_tts().Qwen3TTSModel
 
         self.wrapper = Qwen3TTSModel.from_pretrained(
             str(self.model_dir), dtype=TORCH_DTYPES[self.side.dtype], attn_implementation=self.side.attention

@@ -1,0 +1,55 @@
+"""Gates: the per-prompt checks that decide the exit status (0 pass, 1 a parity gate failed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from parity.recipe import Gates
+
+
+@dataclass
+class GateResult:
+    """One gate on one prompt."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+def evaluate(gates: Gates, comparison: dict) -> list[GateResult]:
+    """Evaluate the recipe's gates on one prompt's comparison summary."""
+    results = []
+    if gates.no_nonfinite:
+        bad = comparison.get("first_nonfinite")
+        results.append(GateResult(
+            "no_nonfinite", bad is None,
+            "no NaN/inf on the candidate side" if bad is None else
+            f"first NaN/inf at {bad['component']} step {bad['step']} {bad['point']}",
+        ))
+    if gates.hidden_within_tolerance:
+        first = comparison.get("first_divergence")
+        results.append(GateResult(
+            "hidden_within_tolerance", first is None,
+            "every point within tolerance" if first is None else
+            f"first divergence at {where(first)}: rel L2 {first['rel_l2']} > {first['tolerance']}",
+        ))
+    if gates.max_rel_l2 is not None:
+        worst = comparison.get("max_rel_l2")
+        worst_f = float("inf") if worst in ("inf", None) and comparison.get("points_compared") else float(worst or 0)
+        results.append(GateResult(
+            "max_rel_l2", worst_f <= gates.max_rel_l2, f"max rel L2 {worst} (limit {gates.max_rel_l2})"
+        ))
+    if gates.min_token_agreement is not None:
+        agreement = (comparison.get("free_run") or {}).get("agreement")
+        ok = agreement is not None and agreement >= gates.min_token_agreement
+        results.append(GateResult(
+            "min_token_agreement", ok, f"free-running code agreement {agreement} (minimum {gates.min_token_agreement})"
+        ))
+    return results
+
+
+def where(point: dict) -> str:
+    """Human wording of a point: 'talker step 3 layer7' or 'predictor frame 2 sub-step 4 embed'."""
+    if point["component"] == "talker":
+        return f"talker step {point['step']} {point['point']}"
+    return f"predictor frame {point['step']} sub-step {point['substep']} {point['point']}"

@@ -1,0 +1,527 @@
+"""Speech-quality scorers (DNSMOS, UTMOS22 strong), per-clip guards and paired comparison.
+
+Scorers
+-------
+``dnsmos`` (default): Microsoft's DNSMOS P.835 + P.808 from the ``speechmos`` wheel (weights inside
+it, works offline). Audio is resampled to 16 kHz and its RMS is set to -26 dBFS first (OVRL moves
+with loudness), with the gain capped so that no sample exceeds full scale. Reports ``ovrl``,
+``sig``, ``bak`` and ``p808``.
+
+``utmos``: UTMOS22 strong learner, from a local checkpoint given as ``checkpoint=`` or by the
+environment variable ``PARITY_UTMOS_CHECKPOINT``. The layout is detected:
+
+- **state dict** (``.pt``/``.pth`` via ``torch.load(weights_only=True)``, or ``.safetensors``) of
+  the utmos-pytorch model (keys ``feature_extractors.*``/``output_layers.*``, e.g. the
+  ``utmos_state_dict.pt`` of ``Blinorot/UTMOS-PyTorch``). The architecture comes from the PyPI
+  package ``utmos-pytorch`` (needs only torch). Keys are checked strictly: any missing or
+  unexpected key is a ``BadInput`` naming the file, except ``...ssl_model.mask_emb``, the fairseq
+  pretraining mask embedding that the exported state dict carries and inference never reads.
+  A Lightning-style ``{"state_dict": {...}}`` wrapper is unwrapped.
+- **TorchScript** file (e.g. ``utmos_scripted.pt``), loaded with ``torch.jit.load``; its
+  ``forward`` must take a ``(1, T)`` 16 kHz waveform (and optionally the sample rate) and return
+  one score.
+- **tarepan/SpeechMOS clone**: a directory with ``hubconf.py``; the model comes from its
+  ``utmos22_strong(pretrained=False)`` entry point (this runs the clone's own code) and the weights
+  from the one ``.pt``/``.pth``/``.safetensors`` file inside the directory, else from
+  ``utmos22_strong_step7459_v1.pt`` in the torch hub cache; loaded with strict key checks. A bare
+  tarepan state dict (keys ``wav2vec2.*``, ``blstm.*``) needs its clone for the architecture and is
+  refused with a message saying so.
+
+Nothing is unpickled beyond tensors, and nothing is downloaded. TorchScript and hub-clone models
+are probed once on a short clip at load, so a file that is not a one-score-per-clip model fails at
+load, not per clip. Clips are scored one at a time (batch padding shifts UTMOS scores).
+
+Guards (:func:`score_clip`) run before any scorer sees audio: empty, NaN/inf, more than one
+channel, a rate other than the caller's expected one or below the scorer's rate, and clips shorter
+than the scorer's minimum become a per-clip error instead of a score (DNSMOS would loop forever on
+an empty array).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from parity.errors import BadInput
+
+UTMOS_ENV = "PARITY_UTMOS_CHECKPOINT"
+UTMOS_HUB_CHECKPOINT = "utmos22_strong_step7459_v1.pt"
+TARGET_DBFS = -26.0
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
+# Present in the exported utmos-pytorch state dict (fairseq keeps it for pretraining masking);
+# the fairseq-free model has no such parameter and inference with mask=False never reads it.
+_UTMOS_IGNORABLE_KEYS = frozenset({"feature_extractors.0.ssl_model.mask_emb"})
+_ACCEPTED = (
+    "a utmos-pytorch state dict (.pt/.pth/.safetensors), a TorchScript file, "
+    "or a tarepan/SpeechMOS clone directory (hubconf.py) holding its checkpoint"
+)
+
+
+class Scorer(Protocol):
+    """A speech-quality model that scores one mono clip at a time."""
+
+    name: str
+    min_samples: int  # shortest clip accepted, in samples at ``sample_rate``
+    sample_rate: int  # the model's native rate; other rates are resampled to it
+
+    def score(self, wav: np.ndarray, sr: int) -> dict[str, float]:
+        """Score one finite mono float clip of at least ``min_samples`` (after resampling)."""
+        ...
+
+
+@dataclass
+class ClipScore:
+    """Outcome of scoring one clip: either ``scores`` or a one-line ``error``."""
+
+    scores: dict[str, float] | None
+    error: str | None
+    scorer: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True when the clip was scored."""
+        return self.error is None
+
+
+def resample(wav: np.ndarray, sr: int, target_sr: int) -> np.ndarray:
+    """Resample a mono float waveform to ``target_sr`` (no-op when the rates match)."""
+    if sr == target_sr:
+        return wav
+    import librosa
+
+    return librosa.resample(wav, orig_sr=sr, target_sr=target_sr)
+
+
+def normalise_loudness(wav: np.ndarray, dbfs: float = TARGET_DBFS) -> np.ndarray:
+    """Scale to an RMS of ``dbfs`` dB full scale, never past a peak of 1.0; silence stays silent."""
+    rms = float(np.sqrt(np.mean(np.square(wav, dtype=np.float64))))
+    if rms < 1e-10:
+        return wav
+    peak = float(np.max(np.abs(wav)))
+    gain = min(10.0 ** (dbfs / 20.0) / rms, 1.0 / peak)
+    return wav * gain
+
+
+class DnsmosScorer:
+    """DNSMOS P.835 (OVRL/SIG/BAK) and P.808 from Microsoft's ``speechmos`` package."""
+
+    name = "dnsmos"
+    sample_rate = 16000
+    # DNSMOS tiles anything under its 9.01 s window by repetition; below half a second the
+    # score is mostly of the repetition, and a TTS clip that short is a failure anyway.
+    min_samples = 8000
+
+    def __init__(self) -> None:
+        try:
+            from speechmos import dnsmos
+        except ImportError as exc:
+            raise BadInput(
+                f"scorer 'dnsmos' needs Microsoft's speechmos package ({exc}); "
+                "install it with `pip install speechmos==0.0.1.1` (tarepan's SpeechMOS is a "
+                "different package with the same import name)"
+            ) from None
+        self._run = dnsmos.run
+
+    def score(self, wav: np.ndarray, sr: int) -> dict[str, float]:
+        """Resample to 16 kHz, normalise to -26 dBFS and return ovrl, sig, bak and p808."""
+        audio = normalise_loudness(resample(wav, sr, self.sample_rate))
+        out = self._run(audio.astype(np.float32), self.sample_rate)
+        return {
+            "ovrl": float(out["ovrl_mos"]),
+            "sig": float(out["sig_mos"]),
+            "bak": float(out["bak_mos"]),
+            "p808": float(out["p808_mos"]),
+        }
+
+
+class UtmosScorer:
+    """UTMOS22 strong learner wrapped around a loaded torch model (see :func:`load_utmos`)."""
+
+    name = "utmos"
+    sample_rate = 16000
+    min_samples = 400  # shorter inputs fail inside the wav2vec2 feature extractor
+
+    def __init__(self, predict: Callable, layout: str, path: Path, device: str = "cpu") -> None:
+        self._predict = predict
+        self.layout = layout
+        self.path = path
+        self.device = device
+
+    def score(self, wav: np.ndarray, sr: int) -> dict[str, float]:
+        """Resample to 16 kHz and return ``{"utmos": score}`` for this one clip (batch size 1)."""
+        import torch
+
+        audio = resample(wav, sr, self.sample_rate).astype(np.float32)
+        with torch.inference_mode():
+            out = self._predict(torch.from_numpy(audio).to(self.device).unsqueeze(0))
+        return {"utmos": float(torch.as_tensor(out).reshape(-1)[0])}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
+def _check_keys(model_keys: set[str], state: dict, path: Path, ignorable=frozenset()) -> None:
+    missing = sorted(model_keys - state.keys())
+    unexpected = sorted(state.keys() - model_keys - ignorable)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        raise BadInput(
+            f"UTMOS checkpoint {path} does not match the model: {'; '.join(parts)}; "
+            f"pass the matching checkpoint ({_ACCEPTED})"
+        )
+
+
+def _load_state_dict(path: Path) -> dict:
+    import torch
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BadInput(
+            f"UTMOS checkpoint {path} cannot be read as tensors only "
+            f"({_one_line(exc)}); "
+            f"pass {_ACCEPTED}"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise BadInput(f"UTMOS checkpoint {path} is not a state dict of tensors; pass {_ACCEPTED}")
+    return state
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/__torch__/" in name for name in archive.namelist())
+
+
+def _takes_sample_rate(forward) -> bool:
+    try:
+        return len(forward.schema.arguments) >= 3  # TorchScript: self, wave, sr
+    except AttributeError:
+        return len(inspect.signature(forward).parameters) >= 2
+
+
+def _wrap(model, takes_sr: bool) -> Callable:
+    if takes_sr:
+        return lambda wave: model(wave, 16000)
+    return model
+
+
+def _probe(predict: Callable, path: Path, device: str) -> None:
+    """Fail at load, not per clip, when a user-supplied model does not give one score per clip."""
+    import torch
+
+    wave = 0.01 * torch.sin(torch.arange(8000, dtype=torch.float32) * 0.2).unsqueeze(0)
+    try:
+        with torch.inference_mode():
+            out = torch.as_tensor(predict(wave.to(device)))
+    except Exception as exc:
+        raise BadInput(
+            f"UTMOS model from {path} fails on a 0.5 s 16 kHz clip of shape (1, T) "
+            f"({_one_line(exc)}); "
+            f"pass {_ACCEPTED}"
+        ) from None
+    if out.numel() != 1 or not bool(torch.isfinite(out).all()):
+        raise BadInput(
+            f"UTMOS model from {path} returned {tuple(out.shape)} values for one clip, expected "
+            f"one finite score; pass {_ACCEPTED}"
+        )
+
+
+def _load_utmos_pytorch(path: Path, state: dict, device: str) -> Callable:
+    try:
+        from utmos_pytorch.utmos_torch import UTMOSModel, remove_weight_norm_for_jit
+    except ImportError:
+        raise BadInput(
+            f"UTMOS checkpoint {path} is a state dict; its architecture comes from the package "
+            "utmos-pytorch: `pip install utmos-pytorch==0.1.0` (or pass a TorchScript file)"
+        ) from None
+    import torch
+
+    model = UTMOSModel()
+    _check_keys(set(model.state_dict()), state, path, _UTMOS_IGNORABLE_KEYS)
+    model.load_state_dict({k: v for k, v in state.items() if k not in _UTMOS_IGNORABLE_KEYS})
+    model.eval().to(device)
+    remove_weight_norm_for_jit(model)  # folds weight_g/weight_v once instead of every call
+
+    def predict(wave: torch.Tensor) -> torch.Tensor:
+        # Same conditioning as utmos_pytorch.UTMOSScoreTorch.forward: domain 0, judge 288.
+        out = model(
+            wav=wave.unsqueeze(1),
+            domains=torch.zeros(1, dtype=torch.int, device=wave.device),
+            judge_id=torch.full((1,), 288, dtype=torch.int, device=wave.device),
+        )
+        return out.mean(dim=1).squeeze(1) * 2 + 3
+
+    return predict
+
+
+def _hub_weights(clone: Path) -> Path:
+    import torch
+
+    found = sorted(p for p in clone.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise BadInput(
+            f"SpeechMOS clone {clone} holds several checkpoints ({', '.join(p.name for p in found)}); "
+            "keep exactly one .pt/.pth/.safetensors file there"
+        )
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / UTMOS_HUB_CHECKPOINT
+    if cached.is_file():
+        return cached
+    raise BadInput(
+        f"SpeechMOS clone {clone} has no checkpoint: put {UTMOS_HUB_CHECKPOINT} (from the "
+        f"SpeechMOS release) in that directory or in {cached.parent}"
+    )
+
+
+def _load_hub_clone(clone: Path, device: str) -> tuple[Callable, Path]:
+    import torch
+
+    weights = _hub_weights(clone)
+    # tarepan's package is also imported as `speechmos`: hide Microsoft's while the clone loads,
+    # then put it back so DNSMOS keeps working in the same process.
+    ours = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == "speechmos"}
+    try:
+        model = torch.hub.load(str(clone), "utmos22_strong", source="local", pretrained=False)
+    except Exception as exc:
+        raise BadInput(
+            f"SpeechMOS clone {clone}: hubconf.py has no working utmos22_strong entry point "
+            f"({_one_line(exc)}); "
+            "pass a clone of tarepan/SpeechMOS"
+        ) from None
+    finally:
+        for k in [k for k in sys.modules if k.split(".")[0] == "speechmos"]:
+            del sys.modules[k]
+        sys.modules.update(ours)
+    state = _load_state_dict(weights)
+    _check_keys(set(model.state_dict()), state, weights)
+    model.load_state_dict(state)
+    model.eval().to(device)
+    return _wrap(model, _takes_sample_rate(model.forward)), weights
+
+
+def load_utmos(checkpoint: str | os.PathLike | None = None, device: str = "cpu") -> UtmosScorer:
+    """Load UTMOS22 strong from ``checkpoint`` (or ``$PARITY_UTMOS_CHECKPOINT``), layout detected.
+
+    Raises ``BadInput`` when no checkpoint is given, the path is missing, or the file does not
+    match one of the supported layouts (see the module docstring) key for key.
+    """
+    source = checkpoint or os.environ.get(UTMOS_ENV)
+    if not source:
+        raise BadInput(
+            f"scorer 'utmos' needs a local checkpoint: set {UTMOS_ENV} or pass checkpoint= "
+            f"(--utmos-checkpoint): {_ACCEPTED}"
+        )
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise BadInput(f"UTMOS checkpoint {path} does not exist; pass {_ACCEPTED}")
+
+    if path.is_dir():
+        if not (path / "hubconf.py").is_file():
+            raise BadInput(f"UTMOS checkpoint directory {path} has no hubconf.py; pass {_ACCEPTED}")
+        predict, weights = _load_hub_clone(path, device)
+        _probe(predict, weights, device)
+        return UtmosScorer(predict, "speechmos-hub", weights, device)
+
+    if _is_torchscript(path):
+        import torch
+
+        try:
+            model = torch.jit.load(str(path), map_location=device)
+        except Exception as exc:
+            raise BadInput(
+                f"UTMOS TorchScript file {path} cannot be loaded ({_one_line(exc)}); "
+                f"pass {_ACCEPTED}"
+            ) from None
+        model.eval()
+        predict = _wrap(model, _takes_sample_rate(model.forward))
+        _probe(predict, path, device)
+        return UtmosScorer(predict, "torchscript", path, device)
+
+    state = _load_state_dict(path)
+    if any(k.startswith("wav2vec2.") for k in state) and any(k.startswith("blstm.") for k in state):
+        raise BadInput(
+            f"UTMOS checkpoint {path} is a tarepan/SpeechMOS state dict; pass the directory of a "
+            "tarepan/SpeechMOS clone with this file inside it"
+        )
+    return UtmosScorer(_load_utmos_pytorch(path, state, device), "state-dict", path, device)
+
+
+_FACTORIES: dict[str, Callable[..., Scorer]] = {"dnsmos": DnsmosScorer, "utmos": load_utmos}
+
+
+def get_scorer(name: str, **options) -> Scorer:
+    """Build the scorer ``name`` (``dnsmos`` or ``utmos``); options go to its constructor.
+
+    ``utmos`` takes ``checkpoint=`` and ``device=``; ``dnsmos`` takes none.
+    """
+    factory = _FACTORIES.get(name)
+    if factory is None:
+        raise BadInput(f"unknown scorer '{name}'; available: {', '.join(_FACTORIES)}")
+    accepted = set(inspect.signature(factory).parameters)
+    extra = sorted(set(options) - accepted)
+    if extra:
+        raise BadInput(
+            f"scorer '{name}' has no option {', '.join(repr(k) for k in extra)}; "
+            f"it takes: {', '.join(sorted(accepted)) or 'no options'}"
+        )
+    return factory(**options)
+
+
+def _as_mono(wav) -> tuple[np.ndarray | None, str | None]:
+    audio = np.asarray(wav)
+    if audio.dtype.kind in "iu":
+        audio = audio.astype(np.float64) / float(np.iinfo(audio.dtype).max + 1)
+    elif audio.dtype.kind != "f":
+        return None, f"audio of dtype {audio.dtype} is not a float or integer waveform"
+    if audio.ndim == 2 and 1 in audio.shape:
+        audio = audio.reshape(-1)
+    if audio.ndim == 2:
+        channels = min(audio.shape)
+        return None, f"audio has {channels} channels {audio.shape}; downmix to mono first"
+    if audio.ndim != 1:
+        return None, f"audio has shape {audio.shape}; expected a mono 1-D waveform"
+    return audio, None
+
+
+def check_clip(
+    scorer: Scorer, wav, sr: int, expected_sr: int | None = None
+) -> tuple[np.ndarray | None, str | None]:
+    """Validate one clip for ``scorer``: return ``(mono float waveform, None)`` or ``(None, error)``."""
+    if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)) or sr <= 0:
+        return None, f"sample rate {sr!r} is not a positive integer"
+    audio, error = _as_mono(wav)
+    if error:
+        return None, error
+    if audio.size == 0:
+        return None, "audio is empty (0 samples)"
+    bad = ~np.isfinite(audio)
+    if bad.any():
+        first = int(np.argmax(bad))
+        return None, (
+            f"audio has {int(bad.sum())} non-finite samples (NaN/inf), the first at sample "
+            f"{first} ({first / sr:.3f} s)"
+        )
+    if expected_sr is not None and sr != expected_sr:
+        return None, f"sample rate {sr} Hz, but the engine's output rate is {expected_sr} Hz"
+    if sr < scorer.sample_rate:
+        return None, (
+            f"sample rate {sr} Hz is below {scorer.name}'s {scorer.sample_rate} Hz; "
+            "upsampled audio would be scored as band-limited"
+        )
+    native = audio.size * scorer.sample_rate / sr
+    if native < scorer.min_samples:
+        return None, (
+            f"clip is {audio.size / sr:.3f} s ({int(native)} samples at {scorer.sample_rate} Hz), "
+            f"shorter than {scorer.name}'s minimum {scorer.min_samples} samples "
+            f"({scorer.min_samples / scorer.sample_rate:.3f} s)"
+        )
+    return audio, None
+
+
+def score_clip(scorer: Scorer, wav, sr: int, expected_sr: int | None = None) -> ClipScore:
+    """Guard then score one clip; any failure becomes ``ClipScore.error`` so the run goes on.
+
+    ``expected_sr`` is the rate the caller's engine declares; a clip at another rate is an error
+    (a mislabelled WAV), while a clip at the expected rate is resampled for the scorer.
+    """
+    audio, error = check_clip(scorer, wav, sr, expected_sr)
+    if error:
+        return ClipScore(None, error, scorer.name)
+    try:
+        scores = scorer.score(audio, int(sr))
+    except Exception as exc:  # one bad clip must not end a run of many
+        return ClipScore(None, f"{scorer.name} failed: {_one_line(exc)}", scorer.name)
+    bad = sorted(k for k, v in scores.items() if not math.isfinite(v))
+    if bad:
+        return ClipScore(None, f"{scorer.name} returned non-finite {', '.join(bad)}", scorer.name)
+    return ClipScore(scores, None, scorer.name)
+
+
+def paired_stats(
+    ref_scores: Sequence[float | None], cand_scores: Sequence[float | None]
+) -> dict:
+    """Per-pair deltas (candidate - reference) and their mean, spread and worst case.
+
+    Pairs where either side is missing (None/NaN, e.g. a clip that failed its guard) are dropped
+    and counted in ``n_dropped``. ``std_delta`` is the sample standard deviation (0 for one pair);
+    ``worst_delta`` is the most negative delta and ``best_delta`` the most positive.
+    """
+    if len(ref_scores) != len(cand_scores):
+        raise ValueError(
+            f"paired_stats needs equal lengths, got {len(ref_scores)} reference and "
+            f"{len(cand_scores)} candidate scores"
+        )
+    pairs = [
+        (float(r), float(c))
+        for r, c in zip(ref_scores, cand_scores)
+        if r is not None and c is not None and math.isfinite(r) and math.isfinite(c)
+    ]
+    n = len(pairs)
+    ref = np.array([p[0] for p in pairs], dtype=np.float64)
+    cand = np.array([p[1] for p in pairs], dtype=np.float64)
+    deltas = cand - ref
+    return {
+        "n": n,
+        "n_dropped": len(ref_scores) - n,
+        "deltas": deltas.tolist(),
+        "mean_ref": float(ref.mean()) if n else None,
+        "mean_cand": float(cand.mean()) if n else None,
+        "mean_delta": float(deltas.mean()) if n else None,
+        "std_delta": float(deltas.std(ddof=1)) if n > 1 else (0.0 if n else None),
+        "worst_delta": float(deltas.min()) if n else None,
+        "best_delta": float(deltas.max()) if n else None,
+    }
+
+
+def check_gate(
+    stats: dict, min_mean_delta: float | None = None, min_worst_delta: float | None = None
+) -> tuple[bool, str]:
+    """Apply a recipe gate to :func:`paired_stats` output: ``(passed, one-line reason)``.
+
+    The gate passes when the mean delta is at least ``min_mean_delta`` and the worst delta at
+    least ``min_worst_delta`` (each checked only when given). No scored pairs never passes.
+    """
+    if min_mean_delta is None and min_worst_delta is None:
+        return True, "no MOS gate set"
+    if not stats.get("n"):
+        return False, "no paired scores to gate on (every pair failed or was missing)"
+    failures, passes = [], []
+    for label, key, bound in (
+        ("mean delta", "mean_delta", min_mean_delta),
+        ("worst delta", "worst_delta", min_worst_delta),
+    ):
+        if bound is None:
+            continue
+        value = stats[key]
+        (passes if value >= bound else failures).append(
+            f"{label} {value:+.3f} {'>=' if value >= bound else '<'} {bound:+.3f}"
+        )
+    if failures:
+        return False, "; ".join(failures) + f" (n={stats['n']})"
+    return True, "; ".join(passes) + f" (n={stats['n']})"

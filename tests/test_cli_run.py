@@ -1,0 +1,102 @@
+"""``parity run`` end to end through the real CLI process, and its bad-input behaviour."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parity(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "parity.cli", *args], capture_output=True, text=True, cwd=cwd or REPO, env=env, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, tiny_dir):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    proc = parity("run", "recipes/prompts/smoke.txt", "--recipe", "recipes/smoke.toml", "--out", str(out))
+    return proc, out
+
+
+def test_smoke_run_writes_the_contract_files(smoke_run):
+    proc, out = smoke_run
+    summary = json.loads((out / "summary.json").read_text())
+    # Exit status follows the gates: 0 when every prompt passes, 1 otherwise.
+    assert proc.returncode == (0 if summary["passed"] else 1), proc.stderr
+    assert summary["counts"]["prompts"] == 3 and summary["counts"]["ran"] == 3
+    for p in summary["prompts"]:
+        assert (out / p["audio"]["reference"]).stat().st_size > 1000
+        assert (out / p["audio"]["candidate"]).stat().st_size > 1000
+        assert (out / "traces" / f"{p['id']}.reference.safetensors").is_file()
+        assert (out / "traces" / f"{p['id']}.candidate.forced.safetensors").is_file()
+        assert (out / "points" / f"{p['id']}.csv.gz").is_file()
+    assert "<html" in (out / "report.html").read_text()
+    suite = ET.parse(out / "junit.xml").getroot().find("testsuite")
+    n_gates = sum(len(p["gates"]) for p in summary["prompts"])
+    assert int(suite.get("tests")) == n_gates
+    assert int(suite.get("failures")) == sum(not g["passed"] for p in summary["prompts"] for g in p["gates"])
+    # The console table names every prompt.
+    for p in summary["prompts"]:
+        assert p["id"] in proc.stdout
+
+
+def test_smoke_candidate_really_diverges(smoke_run):
+    """bf16/eager/static vs fp32/sdpa/dynamic is not bit-identical: the tool must see that."""
+    _, out = smoke_run
+    summary = json.loads((out / "summary.json").read_text())
+    for p in summary["prompts"]:
+        c = p["comparison"]
+        assert not c["bit_identical"]
+        assert 1e-4 < c["max_rel_l2"] < 0.1
+
+
+def test_traces_reload(smoke_run):
+    from parity.trace import Trace
+
+    _, out = smoke_run
+    trace = Trace.load(out / "traces", "p000.reference")
+    assert trace.talker_hidden.shape[0] == trace.n_steps == trace.n_frames + 1
+
+
+def test_gate_failure_exits_1(tmp_path, tiny_dir):
+    out = tmp_path / "strict"
+    proc = parity(
+        "run", "recipes/prompts/smoke.txt", "--out", str(out), "--max-frames", "4",
+        "--set", "gates.hidden_within_tolerance=true", "--set", "tolerances.bfloat16=1e-6",
+    )
+    assert proc.returncode == 1, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert not summary["passed"]
+    assert all(not g["passed"] for p in summary["prompts"] for g in p["gates"] if g["name"] == "hidden_within_tolerance")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "does/not/exist.txt"], "exist.txt"),
+    (["run", "recipes/prompts/smoke.txt", "--recipe", "nope.toml"], "nope.toml"),
+    (["run", "recipes/prompts/smoke.txt", "--set", "candidate.dtype=float8"], "float8"),
+    (["run", "recipes/prompts/smoke.txt", "--model", "random:huge"], "random:huge"),
+    (["report", "does/not/exist"], "summary.json"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, needle):
+    proc = parity(*args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_report_rerenders(smoke_run):
+    _, out = smoke_run
+    (out / "report.html").unlink()
+    proc = parity("report", str(out))
+    assert proc.returncode == 0 and (out / "report.html").is_file()
