@@ -174,6 +174,7 @@ def summarize(points: pd.DataFrame, forced: Trace, ref: Trace, free: Trace | Non
         "added_per_layer": [{k: _py(v) for k, v in r.items()} for r in per_layer],
         "first_flip": asdict(flip) if flip else None,
         "ref_frames": ref.n_frames,
+        "hints": signature_hints(points, first_nonfinite, tol),
     }
     if free is not None:
         result["free_run"] = token_agreement(free.codes, ref.codes)
@@ -185,6 +186,138 @@ def summarize(points: pd.DataFrame, forced: Trace, ref: Trace, free: Trace | Non
             ref.meta.get("hit_max_frames") or free.meta.get("hit_max_frames")
         )
     return result
+
+
+# -- signature hints ------------------------------------------------------------------------
+# Where and how the error enters says something about its source (DESIGN section 5). These are
+# guesses from the shape of the error, labelled "hint"; `parity bisect` is what proves a cause.
+
+def _where(row) -> str:
+    if row["component"] == "talker":
+        return f"talker step {row['step']} {row['point']}"
+    return f"predictor frame {row['step']} sub-step {row['substep']} {row['point']}"
+
+
+def _hint(signature: str, text: str, evidence: str) -> dict:
+    return {"label": "hint", "signature": signature, "text": f"hint: {text}", "evidence": evidence}
+
+
+def signature_hints(points: pd.DataFrame, first_nonfinite: dict | None, tol: float) -> list[dict]:
+    """Likely sources of a divergence, read from where and how the error enters. Each entry is
+    a hint (``label: "hint"``, text starting with "hint:"), never a verdict."""
+    if not len(points):
+        return []
+    hints = []
+    hidden = points[points["point"] != "logits"]
+    if first_nonfinite is not None:
+        at = points[~points["finite"]].index[0]
+        before = points.loc[: at - 1]
+        drift = float(before["rel_l2"].max()) if len(before) else 0.0
+        where = _where(points.loc[at])
+        if drift <= tol:
+            hints.append(_hint(
+                "nonfinite_sudden",
+                f"NaN/inf appears at {where} without drift before it (max rel L2 before {drift:.2g}): a fully "
+                "masked attention row (softmax over all -inf, FastDeploy #7028) or a division by zero, not rounding",
+                f"first non-finite at {where}",
+            ))
+        else:
+            hints.append(_hint(
+                "nonfinite_after_drift",
+                f"values drift (rel L2 up to {drift:.2g}) before the first NaN/inf at {where}: overflow of a "
+                "growing error (fp16 range?) rather than a masked row",
+                f"first non-finite at {where}",
+            ))
+    differs = hidden[hidden["max_abs"] > 0]
+    if not len(differs):
+        return hints
+    first = differs.iloc[0]
+    where = _where(first)
+    talker = hidden[hidden["component"] == "talker"]
+    if first["point"] == "embed" and first["component"] == "talker" and first["step"] == 0:
+        hints.append(_hint("enters_at_input", "the prefill's input embeddings already differ: prompt "
+                           "construction or embedding precision, before any decoder layer", f"first difference at {where}"))
+    elif first["component"] == "talker" and first["step"] == 0 and first["layer"] == 0:
+        prefill = talker[(talker["step"] == 0) & (talker["layer"] >= 0)]
+        every = bool((prefill["added"] > 0).all())
+        hints.append(_hint(
+            "enters_at_first_layer",
+            "error enters in the first decoder layer of the prefill" + (" and every layer adds to it" if every else "")
+            + ": a per-layer op computes differently everywhere (RMSNorm variance in bf16 -> error at every "
+            "norm, vllm-omni #2277; RoPE precision; a quantised KV cache; another attention kernel)",
+            f"first difference at {where}; embed identical",
+        ))
+    elif first["component"] == "talker" and first["step"] == 1 and first["layer"] == 0:
+        hints.append(_hint(
+            "enters_at_first_decode",
+            "the prefill matches exactly but the first decode step differs from layer 0: the single-token "
+            "decode path differs (static/padded KV cache with an explicit mask, SDPA backend, CUDA-graph "
+            "capture; faster-qwen3-tts #48, FINDINGS 4)",
+            f"talker step 0 bit-identical; first difference at {where}",
+        ))
+    if first["layer"] > 0:
+        hints.append(_hint(
+            "enters_mid_stack",
+            f"layers before {first['point']} are bit-identical and the error enters there: a setting "
+            "restricted to later layers, or a kernel choice that depends on that layer",
+            f"first difference at {where}",
+        ))
+    if first["component"] == "predictor" and (talker["max_abs"] == 0).all():
+        hints.append(_hint(
+            "predictor_only",
+            "every talker point is bit-identical; only the code predictor differs: a predictor-specific path "
+            "(its CUDA graph, its cache, a setting restricted to it)",
+            f"first difference at {where}",
+        ))
+    # Growth with position: the talker's last-layer error over decode steps.
+    last = talker[(talker["layer"] == talker["layer"].max()) & (talker["step"] >= 1)].sort_values("step")
+    errors = last["rel_l2"].replace([np.inf], np.nan).dropna().to_numpy()
+    if len(errors) >= 4 and errors[0] > 0:
+        rho = pd.Series(errors).corr(pd.Series(np.arange(len(errors))), method="spearman")
+        head, tail = errors[: len(errors) // 3].mean(), errors[-(len(errors) // 3):].mean()
+        if rho >= 0.8 and tail >= 3 * head:
+            hints.append(_hint(
+                "grows_with_position",
+                "the error grows with position (decode step): RoPE in low precision, or attention over a padded "
+                "static cache (faster-qwen3-tts #48)",
+                f"talker last-layer rel L2 {errors[0]:.2g} -> {errors[-1]:.2g} over {len(errors)} steps (Spearman {rho:.2f})",
+            ))
+    return hints
+
+
+# -- a third side as truth --------------------------------------------------------------------
+
+def truth_multiplier(dtype: str) -> float:
+    """torch._dynamo.utils.same's allowance: 3x for a bf16/fp16 result, 2x otherwise."""
+    return 3.0 if dtype in ("bfloat16", "float16") else 2.0
+
+
+def compare_truth(cand: Trace, ref: Trace, truth: Trace, tol: float, multiplier: float | None = None) -> dict:
+    """Judge both sides against a truth trace (e.g. the reference in fp32, TF32 off), in the
+    manner of ``torch._dynamo.utils.same``: a point is *worse* when the candidate's error from the
+    truth exceeds ``multiplier`` x the reference's error from it plus ``tol / 10`` (relative L2
+    here, where ``same`` uses absolute RMSE). Tells "different" (as far from the truth as the
+    reference, the other way) from "worse"."""
+    if multiplier is None:
+        multiplier = truth_multiplier(str(cand.meta.get("side", {}).get("dtype", "float32")))
+    keys = ["component", "step", "substep", "layer", "point"]
+    c = point_frame(cand, truth, tol)[keys + ["rel_l2"]].rename(columns={"rel_l2": "cand_err"})
+    r = point_frame(ref, truth, tol)[keys + ["rel_l2"]].rename(columns={"rel_l2": "ref_err"})
+    df = c.merge(r, on=keys, how="inner", sort=False)
+    df["worse"] = df["cand_err"] > multiplier * df["ref_err"] + tol / 10
+    worse = df[df["worse"]]
+    first = None
+    if len(worse):
+        row = worse.iloc[0]
+        first = {**{k: _py(row[k]) for k in keys}, "cand_err": _py(row["cand_err"]), "ref_err": _py(row["ref_err"])}
+    differs = bool((df["cand_err"] != df["ref_err"]).any())
+    return {
+        "multiplier": multiplier, "slack": tol / 10, "points": int(len(df)), "worse_points": int(len(worse)),
+        "first_worse": first,
+        "cand_err_max": _py(df["cand_err"].replace([np.inf], np.nan).max()),
+        "ref_err_max": _py(df["ref_err"].replace([np.inf], np.nan).max()),
+        "verdict": "worse" if len(worse) else ("different, not worse" if differs else "same distance"),
+    }
 
 
 def _py(v):

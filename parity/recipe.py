@@ -38,13 +38,16 @@ class Side:
     cache: str = "dynamic"  # "dynamic" or "static:N" (a StaticCache padded to N positions)
     tf32: bool = False
     device: str = "auto"
+    # Divergence sources applied on top (parity.variants), e.g. ("rmsnorm_lowp@talker:0-4", "kv_quant=fp8").
+    variants: tuple[str, ...] = ()
 
     @property
     def static_len(self) -> int | None:
         return int(self.cache.split(":", 1)[1]) if self.cache.startswith("static:") else None
 
     def label(self) -> str:
-        return f"{self.engine} {self.dtype}/{self.attention}/{self.cache}" + ("/tf32" if self.tf32 else "")
+        return (f"{self.engine} {self.dtype}/{self.attention}/{self.cache}" + ("/tf32" if self.tf32 else "")
+                + "".join(f" +{v}" for v in self.variants))
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,9 @@ class Recipe:
     decoding: Decoding = field(default_factory=Decoding)
     tolerances: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
     gates: Gates = field(default_factory=Gates)
+    # Optional third side to judge both against (e.g. the reference in fp32, TF32 off): tells a
+    # candidate that is merely different from one that is further from the truth.
+    truth: Side | None = None
 
     def tolerance(self) -> float:
         """The relative-L2 tolerance for this pair: that of the lower-precision side."""
@@ -93,7 +99,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"reference": Side, "candidate": Side, "decoding": Decoding, "gates": Gates}
+_SECTIONS = {"reference": Side, "candidate": Side, "truth": Side, "decoding": Decoding, "gates": Gates}
 _TOP = {"name": str, "model": str, "model_seed": int}
 
 
@@ -119,6 +125,12 @@ def _check_value(where: str, key: str, value: Any, typ: Any) -> Any:
         if not isinstance(value, str):
             raise BadInput(f"{where}: '{key}' must be a string, got {value!r}")
         return value
+    if base.startswith("tuple[str"):
+        if isinstance(value, str):  # --set candidate.variants=a,b
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise BadInput(f"{where}: '{key}' must be a list of strings, got {value!r}")
+        return tuple(value)
     if base.startswith("dict"):
         if not isinstance(value, dict):
             raise BadInput(f"{where}: '{key}' must be a table")
@@ -126,7 +138,8 @@ def _check_value(where: str, key: str, value: Any, typ: Any) -> Any:
     raise AssertionError(f"unhandled type {typ}")
 
 
-def _validate_side(where: str, side: Side) -> None:
+def _validate_side(where: str, side: Side) -> Side:
+    """Range checks on one side; returns it with its variant specs in canonical form."""
     if side.engine not in ENGINES:
         raise BadInput(f"{where}: unknown engine '{side.engine}'; available: {', '.join(ENGINES)}")
     if side.dtype not in DTYPES:
@@ -137,12 +150,25 @@ def _validate_side(where: str, side: Side) -> None:
         raise BadInput(f"{where}: device '{side.device}' is not one of {', '.join(DEVICES)}")
     if side.cache != "dynamic" and not re.fullmatch(r"static:[1-9][0-9]*", side.cache):
         raise BadInput(f"{where}: cache '{side.cache}' must be 'dynamic' or 'static:N' with N > 0 (e.g. static:2048)")
+    if not side.variants:
+        return side
+    from parity.variants import parse_all
+
+    try:
+        specs = parse_all(side.variants, side.engine)
+    except BadInput as e:
+        raise BadInput(f"{where}: {e}") from None
+    return replace(side, variants=tuple(str(s) for s in specs))
 
 
 def validate(recipe: Recipe, where: str) -> Recipe:
     """Range checks across the whole recipe; returns it unchanged or raises BadInput."""
-    _validate_side(f"{where} [reference]", recipe.reference)
-    _validate_side(f"{where} [candidate]", recipe.candidate)
+    recipe = replace(
+        recipe,
+        reference=_validate_side(f"{where} [reference]", recipe.reference),
+        candidate=_validate_side(f"{where} [candidate]", recipe.candidate),
+        truth=None if recipe.truth is None else _validate_side(f"{where} [truth]", recipe.truth),
+    )
     d = recipe.decoding
     if not 1 <= d.max_frames <= 100000:
         raise BadInput(f"{where} [decoding]: max_frames must be between 1 and 100000, got {d.max_frames}")
@@ -189,6 +215,8 @@ def from_dict(data: dict, where: str) -> Recipe:
 
 def _apply_section(recipe: Recipe, section: str, values: dict, where: str) -> Recipe:
     current = getattr(recipe, section)
+    if current is None:  # an optional side ([truth]) starts from the default side
+        current = _SECTIONS[section]()
     types = {f.name: f.type for f in fields(current)}
     changes = {}
     for key, value in values.items():

@@ -23,6 +23,7 @@ from parity.prompts import Prompt
 from parity.recipe import Decoding, Side
 from parity.sampling import Chooser, SamplingParams
 from parity.trace import Trace
+from parity.variants import Applied, Target, apply_variants, set_attention
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NUM_SUB_STEPS = 15
@@ -102,6 +103,7 @@ class ReferenceEngine(Engine):
         self.wrapper = None
         self.device = resolve_device(side.device)
         self.recorder: Recorder | None = None
+        self.applied: Applied | None = None  # the side's variants, applied at load
 
     # -- lifecycle ---------------------------------------------------------------------
     def load(self) -> None:
@@ -113,14 +115,32 @@ class ReferenceEngine(Engine):
         self.wrapper.model.to(self.device).eval()
         self.wrapper.device = self.device
         self.recorder = Recorder(self.talker)
+        self.applied = apply_variants(self.talker, self.side.variants, self.name)
 
     def close(self) -> None:
+        if self.applied is not None:
+            self.applied.undo()
+            self.applied = None
         if self.recorder is not None:
             self.recorder.detach()
         self.wrapper = None
         self.recorder = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    LOAD_FIELDS = ("engine", "dtype", "device")  # everything else can change on a loaded model
+
+    def reconfigure(self, side: Side) -> None:
+        """Switch a loaded engine to ``side`` without reloading: attention implementation, cache,
+        TF32 and variants change in place (variants are undone and re-applied). ``side`` must
+        agree on :attr:`LOAD_FIELDS`; those need a fresh engine."""
+        for name in self.LOAD_FIELDS:
+            if getattr(side, name) != getattr(self.side, name):
+                raise ValueError(f"reconfigure cannot change '{name}' ({getattr(self.side, name)} -> {getattr(side, name)}); load a new engine")
+        self.applied.undo()
+        set_attention(Target(self.talker, self.name), side.attention)
+        self.side = side
+        self.applied = apply_variants(self.talker, side.variants, self.name)
 
     @property
     def model(self):
