@@ -1,0 +1,489 @@
+"""The faster-qwen3-tts engine (CUDA graphs over a StaticCache), observed inside its graphs.
+
+The engine's own code runs unchanged: its prompt builder, its ``fast_generate`` loop, its
+captured talker decode step and 15-step predictor loop, its sampler. parity adds two things,
+both installed before the graphs are captured so that they become part of them:
+
+- taps (``GraphTaps``): forward hooks that copy each layer's last-position output into a
+  preallocated device slot; inside a capture the copy is recorded into the graph, so every
+  replay rewrites the slot. After each replay the slots are snapshotted (one copy per graph).
+- forcing (``ForcingSampler``): the engine's ``sample_logits`` call sites are wrapped; the
+  wrapper keeps the engine's own choice in a device buffer and returns
+  ``where(force_flag, forced_token, own_choice)``. Inside the predictor graph the buffers are
+  device tensors, so forcing is graph-safe; sampling settings are baked in at capture.
+
+Graphs can be switched off (``cuda_graphs=False``): the captured functions then run eagerly.
+On a machine without CUDA the adapter can drive the same modules eagerly on the CPU
+(``FasterEngine(..., allow_cpu=True)``), which is how CI covers this file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from parity.engines.base import Engine
+from parity.engines.reference import TORCH_DTYPES, import_qwen_tts, tf32_mode
+from parity.errors import BadInput
+from parity.prompts import Prompt
+from parity.recipe import Decoding, Side
+from parity.trace import Trace
+
+NUM_SUB_STEPS = 15
+
+
+class ProbeCoverageError(RuntimeError):
+    """A tap recorded nothing, or a slot was not rewritten by a replay."""
+
+
+class EagerReplay:
+    """Stands in for a captured CUDA graph: ``replay()`` runs the captured function eagerly."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self) -> None:
+        self.fn()
+
+
+def _last(x) -> torch.Tensor:
+    t = x[0] if isinstance(x, (tuple, list)) else x
+    return t[0, -1] if t.dim() == 3 else t[0]
+
+
+class GraphTaps:
+    """Device slots for every probed point, filled inside the graphs.
+
+    Hooks only keep references to each layer's last-position output (a view, no kernel); the
+    last hook of a talker step, and of the 15th predictor sub-step, gathers them with one
+    ``torch.stack(..., out=slots)``. Inside a capture that stack is a single recorded kernel per
+    graph, instead of one copy per tapped point (about 120 per frame at 0.6B), and the held
+    references keep the captured tensors alive, so their memory is not reused before the gather.
+    """
+
+    def __init__(self, talker, dtype: torch.dtype, device):
+        pred = talker.code_predictor
+        self.talker, self.pred = talker, pred
+        self.n_t = len(talker.model.layers)
+        self.n_p = len(pred.model.layers)
+        h, hp, vp = talker.config.hidden_size, pred.config.hidden_size, pred.config.vocab_size
+        self.talker_slots = torch.zeros((self.n_t + 1, h), dtype=dtype, device=device)
+        self.pred_slots = torch.zeros((NUM_SUB_STEPS * (self.n_p + 1), hp), dtype=dtype, device=device)
+        self.pred_logit_slots = torch.zeros((NUM_SUB_STEPS, vp), dtype=dtype, device=device)
+        self._talker_held: list[torch.Tensor] = []
+        self._pred_held: list[torch.Tensor] = []
+        self._logits_held: list[torch.Tensor] = []
+        self.taps_written: dict[str, int] = {}
+        self.talker_logits: list[torch.Tensor] = []
+        self.enabled_talker_logits = False
+        self._handles: list = []
+
+    def attach(self) -> None:
+        t_layers, p_layers = self.talker.model.layers, self.pred.model.layers
+        self._handles.append(t_layers[0].register_forward_pre_hook(self._pre(self._talker_held, "talker"), with_kwargs=True))
+        for i, layer in enumerate(t_layers):
+            self._handles.append(layer.register_forward_hook(self._post_talker(i, last=i == self.n_t - 1)))
+        self._handles.append(p_layers[0].register_forward_pre_hook(self._pre(self._pred_held, "predictor"), with_kwargs=True))
+        for i, layer in enumerate(p_layers):
+            self._handles.append(layer.register_forward_hook(self._post_pred(i)))
+        for j, head in enumerate(self.pred.lm_head):
+            self._handles.append(head.register_forward_hook(self._post_head(j)))
+        self._handles.append(self.talker.codec_head.register_forward_hook(self._codec_head))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _count(self, key: str) -> None:
+        self.taps_written[key] = self.taps_written.get(key, 0) + 1
+
+    def _pre(self, held: list, component: str):
+        def hook(module, args, kwargs):
+            held.append(_last(args[0] if args else kwargs["hidden_states"]))
+            self._count(f"{component}.embed")
+
+        return hook
+
+    def _post_talker(self, i: int, last: bool):
+        def hook(module, args, output):
+            self._talker_held.append(_last(output))
+            self._count(f"talker.layer{i}")
+            if last:
+                if len(self._talker_held) == self.n_t + 1:
+                    torch.stack(self._talker_held, out=self.talker_slots)
+                self._talker_held.clear()  # clear, not rebind: the embed pre-hook holds this list
+
+        return hook
+
+    def _post_pred(self, i: int):
+        def hook(module, args, output):
+            self._pred_held.append(_last(output))
+            self._count(f"predictor.layer{i}")
+
+        return hook
+
+    def _post_head(self, j: int):
+        def hook(module, args, output):
+            self._logits_held.append(_last(output))
+            self._count("predictor.logits")
+            if j == NUM_SUB_STEPS - 1:
+                if len(self._pred_held) == self.pred_slots.shape[0] and len(self._logits_held) == NUM_SUB_STEPS:
+                    torch.stack(self._pred_held, out=self.pred_slots)
+                    torch.stack(self._logits_held, out=self.pred_logit_slots)
+                self._pred_held.clear()
+                self._logits_held.clear()
+
+        return hook
+
+    def _codec_head(self, module, args, output):
+        # Always eager in faster-qwen3-tts (outside both graphs).
+        if self.enabled_talker_logits:
+            self.talker_logits.append(_last(output).to(torch.float32, copy=True))
+
+    def check_coverage(self) -> None:
+        """Every point must have been written at least once (at capture or in an eager run)."""
+        expected = [f"talker.layer{i}" for i in range(self.n_t)] + ["talker.embed", "predictor.embed", "predictor.logits"]
+        expected += [f"predictor.layer{i}" for i in range(self.n_p)]
+        missing = [k for k in expected if not self.taps_written.get(k)]
+        if missing:
+            raise ProbeCoverageError(f"graph taps recorded nothing for: {', '.join(missing)}")
+
+
+class ForcingSampler:
+    """Wraps the predictor graph's ``sample_logits``: keeps the engine's own choice for each of
+    the 15 call sites in a device buffer and returns the forced token while the flag is on. The
+    call-site index is a Python int, so each captured call site reads and writes its own slot."""
+
+    def __init__(self, original, n_slots: int, device):
+        self.original = original
+        self.own = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self.forced = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self.flag = torch.zeros((), dtype=torch.bool, device=device)
+        self.index = 0  # Python counter: baked per call site inside a capture
+        self.n_slots = n_slots
+
+    def __call__(self, logits, **kwargs):
+        own = self.original(logits, **kwargs)
+        i = self.index
+        self.own[i : i + 1].copy_(own.view(-1)[:1])
+        out = torch.where(self.flag, self.forced[i : i + 1], own.view(-1)[:1]).view(own.shape)
+        self.index = (i + 1) % self.n_slots
+        return out
+
+
+class FasterEngine(Engine):
+    """faster-qwen3-tts 0.5.4 with graph-safe taps and teacher forcing."""
+
+    name = "faster"
+
+    def __init__(self, side: Side, model_dir: Path | str, allow_cpu: bool = False, cuda_graphs: bool = True, record: bool = True):
+        super().__init__(side, model_dir)
+        if not torch.cuda.is_available() and not allow_cpu:
+            raise BadInput(
+                "the faster engine (faster-qwen3-tts) needs a CUDA GPU and none is visible; "
+                "on a CPU use a reference-only recipe such as recipes/smoke.toml"
+            )
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.with_taps = record
+        self.tts = None
+        self.taps: GraphTaps | None = None
+        self._patches: list[tuple[object, str, object]] = []
+        self._captured_for: tuple | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def load(self) -> None:
+        import_qwen_tts()
+        dtype = TORCH_DTYPES[self.side.dtype]
+        max_seq_len = self.side.static_len or 2048
+        if self.device.type == "cuda":
+            from faster_qwen3_tts import FasterQwen3TTS
+
+            self.tts = FasterQwen3TTS.from_pretrained(
+                str(self.model_dir), device="cuda", dtype=dtype, attn_implementation=self.side.attention,
+                max_seq_len=max_seq_len,
+            )
+        else:
+            self.tts = _cpu_instance(self.model_dir, dtype, self.side.attention, max_seq_len)
+        talker = self.tts.model.model.talker
+        if self.with_taps:
+            self.taps = GraphTaps(talker, dtype, self.device)
+            self.taps.attach()
+        import faster_qwen3_tts.predictor_graph as pg_mod
+
+        # Must be in place before capture: the wrapper's buffers become part of the graph.
+        self.pred_sampler = ForcingSampler(pg_mod.sample_logits, NUM_SUB_STEPS, self.device)
+        self._patch(pg_mod, "sample_logits", self.pred_sampler)
+
+    def _patch(self, obj, attr: str, value) -> None:
+        self._patches.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, value)
+
+    def close(self) -> None:
+        for obj, attr, old in reversed(self._patches):
+            setattr(obj, attr, old)
+        self._patches.clear()
+        if self.taps is not None:
+            self.taps.detach()
+        self.tts = None
+        self.taps = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def describe(self) -> dict:
+        return {**super().describe(), "device": str(self.device), "cuda_graphs": self.cuda_graphs, "taps": self.with_taps}
+
+    # -- preparation -------------------------------------------------------------------
+    def _speaker(self, prompt: Prompt) -> str | None:
+        speakers = list(self.tts.model.get_supported_speakers() or [])
+        return prompt.speaker or (speakers[0] if speakers else None)
+
+    def _ensure_captured(self, decoding: Decoding, prefill_len: int) -> None:
+        """Sampling settings are baked into the predictor graph: set them, then capture once."""
+        key = (decoding.do_sample, decoding.temperature, decoding.top_k, decoding.top_p)
+        if self._captured_for is not None:
+            if key != self._captured_for:
+                raise BadInput("the faster engine's predictor graph was captured with other sampling settings; use one decoding per run")
+            return
+        pg = self.tts.predictor_graph
+        pg.do_sample, pg.temperature, pg.top_k, pg.top_p = key
+        if self.taps is not None:
+            self.taps.sub = 0
+        self.pred_sampler.index = 0
+        with _cpu_sync_shim(self.device):
+            if self.cuda_graphs:
+                self.tts._warmed_up = False  # _prepare set it to keep the engine from capturing early
+                self.tts.warmup(prefill_len)
+            else:
+                _eager_setup(self.tts)
+        self.pred_sampler.index = 0
+        self._captured_for = key
+
+    def prompt_length(self, prompt: Prompt) -> int:
+        return int(self._prepare(prompt)[3].shape[1])
+
+    def _prepare(self, prompt: Prompt):
+        kind = self.tts.model.model.tts_model_type
+        if kind != "custom_voice":
+            raise BadInput(f"the faster engine adapter supports custom_voice models; this checkpoint is '{kind}'")
+        self.tts._warmed_up = True  # capture is ours to schedule (after taps and sampling are set)
+        return self.tts._prepare_generation_custom(
+            text=prompt.text, language=prompt.language or "auto", speaker=self._speaker(prompt),
+            instruct=prompt.instruct, non_streaming_mode=True,
+        )
+
+    # -- running -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, prompt: Prompt, decoding: Decoding, force: Trace | None = None, record: bool = True) -> Trace:
+        from faster_qwen3_tts.generate import fast_generate
+
+        m, talker, config, tie, tam, tth, tpe = self._prepare(prompt)
+        self._ensure_captured(decoding, tie.shape[1])
+        if decoding.do_sample:
+            torch.manual_seed(decoding.seed)
+        record = record and self.taps is not None
+        steps = _StepRecorder(self, record, force)
+        max_frames = force.n_frames if force is not None else decoding.max_frames
+        with steps.installed(), tf32_mode(self.side.tf32), _cpu_sync_shim(self.device):
+            codec_ids, timing = fast_generate(
+                talker=talker, talker_input_embeds=tie, attention_mask=tam, trailing_text_hiddens=tth,
+                tts_pad_embed=tpe, config=config, predictor_graph=self.tts.predictor_graph,
+                talker_graph=self.tts.talker_graph, max_new_tokens=max_frames, min_new_tokens=2,
+                temperature=decoding.temperature, top_k=decoding.top_k, top_p=decoding.top_p,
+                do_sample=decoding.do_sample, repetition_penalty=decoding.repetition_penalty,
+            )
+        codes = codec_ids.cpu() if codec_ids is not None else torch.zeros(0, 16, dtype=torch.long)
+        if record:
+            # Python hooks fire only while capturing (or eagerly): every tap must have fired by now.
+            self.taps.check_coverage()
+        tensors = steps.assemble(len(codes))
+        hit_max = len(codes) == max_frames and (force is None or bool(force.meta.get("hit_max_frames")))
+        meta = {
+            "prompt_id": prompt.id, "engine": self.name, "side": self.describe(), "forced": force is not None,
+            "recorded": record, "prefill_len": int(tie.shape[1]), "eos_token_id": int(config.codec_eos_token_id),
+            "max_frames": decoding.max_frames, "hit_max_frames": hit_max,
+            "n_talker_layers": len(talker.model.layers), "n_predictor_layers": len(talker.code_predictor.model.layers),
+            "suppress_from": max(0, config.vocab_size - 1024), "timing": timing,
+            "sampling": "seeded" if decoding.do_sample else "greedy",
+        }
+        return Trace(codes=codes, **tensors, meta=meta)
+
+    @torch.inference_mode()
+    def decode_audio(self, codes) -> tuple[np.ndarray, int]:
+        tok = self.tts.model.model.speech_tokenizer
+        if len(codes) == 0:
+            return np.zeros(0, dtype=np.float32), int(tok.get_output_sample_rate())
+        wavs, sr = tok.decode({"audio_codes": torch.as_tensor(codes).to(self.device).unsqueeze(0)})
+        wav = wavs[0]
+        wav = wav.flatten().cpu().numpy() if hasattr(wav, "cpu") else np.asarray(wav).flatten()
+        return wav.astype(np.float32), int(sr)
+
+
+class _StepRecorder:
+    """Per-run bookkeeping around the engine's loop: forcing values before each sampling call,
+    slot snapshots after the prefill and after each graph replay."""
+
+    def __init__(self, engine: FasterEngine, record: bool, force: Trace | None):
+        self.e = engine
+        self.record = record
+        self.force = force
+        self.talker_hidden: list[torch.Tensor] = []
+        self.pred_hidden: list[torch.Tensor] = []
+        self.pred_logits: list[torch.Tensor] = []
+        self.talker_choice: list[int] = []
+        self.talker_tokens: list[int] = []
+        self.pred_choice: list[torch.Tensor] = []
+        self.frame = 0
+
+    @contextlib.contextmanager
+    def installed(self):
+        e = self.e
+        tts = e.tts
+        talker = tts.model.model.talker
+        taps = e.taps
+        ps = e.pred_sampler
+        forcing = self.force is not None
+        ps.flag.fill_(forcing)
+        ps.index = 0
+        if taps is not None:
+            taps.talker_logits = []
+            taps.enabled_talker_logits = self.record
+            taps.sub = 0
+        import faster_qwen3_tts.generate as gen_mod
+
+        orig_forward, orig_pred_run, orig_talker_run = talker.forward, tts.predictor_graph.run, tts.talker_graph.run
+        orig_sample = gen_mod.sample_logits
+
+        def talker_sample(logits, **kw):
+            """The talker's token choice is eager in the engine: force it here, per step."""
+            step = len(self.talker_tokens)
+            own = orig_sample(logits, **kw)
+            choice = int(own.view(-1)[0])
+            token = int(self.force.talker_tokens[step]) if forcing else choice
+            self.talker_choice.append(choice)
+            self.talker_tokens.append(token)
+            return torch.tensor([token], device=own.device, dtype=own.dtype).view(own.shape)
+
+        def prefill(*args, **kwargs):
+            out = orig_forward(*args, **kwargs)
+            if self.record:
+                self.talker_hidden.append(taps.talker_slots.clone())
+            return out
+
+        def pred_run(pred_input):
+            if forcing:
+                ps.forced.copy_(self.force.codes[self.frame, 1:].to(ps.forced.device))
+            out = orig_pred_run(pred_input)
+            self.pred_choice.append(ps.own.clone())
+            if self.record:
+                self.pred_hidden.append(taps.pred_slots.clone())
+                self.pred_logits.append(taps.pred_logit_slots.clone())
+            self.frame += 1
+            return out
+
+        def talker_run(input_embeds, position):
+            out = orig_talker_run(input_embeds, position)
+            if self.record:
+                self.talker_hidden.append(taps.talker_slots.clone())
+            return out
+
+        talker.forward = prefill
+        tts.predictor_graph.run = pred_run
+        tts.talker_graph.run = talker_run
+        gen_mod.sample_logits = talker_sample
+        try:
+            yield
+        finally:
+            del talker.forward
+            del tts.predictor_graph.run
+            del tts.talker_graph.run
+            gen_mod.sample_logits = orig_sample
+            if taps is not None:
+                taps.enabled_talker_logits = False
+
+    def assemble(self, n_frames: int) -> dict[str, torch.Tensor]:
+        n_steps = len(self.talker_tokens)
+        out = {
+            "talker_tokens": torch.tensor(self.talker_tokens, dtype=torch.long),
+            "talker_choice": torch.tensor(self.talker_choice, dtype=torch.long),
+            "pred_choice": torch.stack(self.pred_choice).cpu() if self.pred_choice else torch.zeros(0, 15, dtype=torch.long),
+        }
+        if not self.record:
+            return {**out, "talker_hidden": torch.zeros(0), "talker_logits": torch.zeros(0),
+                    "pred_hidden": torch.zeros(0), "pred_logits": torch.zeros(0)}
+        talker_hidden = torch.stack(self.talker_hidden).float().cpu()
+        talker_logits = torch.stack(self.e.taps.talker_logits).cpu()
+        n_points = self.e.taps.n_p + 1
+        pred_hidden = (
+            torch.stack(self.pred_hidden).float().cpu().view(len(self.pred_hidden), NUM_SUB_STEPS, n_points, -1)
+            if self.pred_hidden else torch.zeros(0)
+        )
+        pred_logits = torch.stack(self.pred_logits).float().cpu() if self.pred_logits else torch.zeros(0)
+        if talker_hidden.shape[0] != n_steps or talker_logits.shape[0] != n_steps or len(self.pred_hidden) != n_frames:
+            raise ProbeCoverageError(
+                f"taps: {talker_hidden.shape[0]} talker snapshots and {talker_logits.shape[0]} logits for "
+                f"{n_steps} steps, {len(self.pred_hidden)} predictor snapshots for {n_frames} frames"
+            )
+        _check_stale(talker_hidden, "talker")
+        if n_frames:
+            _check_stale(pred_hidden.flatten(0, 1), "predictor")
+        return {**out, "talker_hidden": talker_hidden, "talker_logits": talker_logits,
+                "pred_hidden": pred_hidden, "pred_logits": pred_logits}
+
+
+def _check_stale(hidden: torch.Tensor, component: str) -> None:
+    """A replay that did not rewrite the slots leaves a snapshot bit-identical to the one before
+    it; real decode steps never repeat exactly (the position changes every step)."""
+    if hidden.shape[0] < 2:
+        return
+    same = (hidden[1:] == hidden[:-1]).flatten(1).all(dim=1)
+    if bool(same.any()):
+        n = int(same.nonzero()[0, 0]) + 1
+        raise ProbeCoverageError(f"stale {component} taps: snapshot {n} is identical to snapshot {n - 1} (slots not rewritten by the replay)")
+
+
+def _eager_setup(tts) -> None:
+    """Graphs off: prepare the engine's static caches and masks, and replay eagerly."""
+    pg, tg = tts.predictor_graph, tts.talker_graph
+    pg._init_cache_layers()
+    pg._build_attention_masks()
+    pg.graph, pg.captured = EagerReplay(pg._full_loop), True
+    tg._init_cache_layers()
+    tg._build_attention_masks()
+    tg.graph, tg.captured = EagerReplay(tg._decode_step), True
+
+
+@contextlib.contextmanager
+def _cpu_sync_shim(device: torch.device):
+    """The engine calls torch.cuda.synchronize() for its timings; on the CPU there is nothing to wait for."""
+    if device.type == "cuda":
+        yield
+        return
+    original = torch.cuda.synchronize
+    torch.cuda.synchronize = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize = original
+
+
+def _cpu_instance(model_dir, dtype, attention: str, max_seq_len: int):
+    """Build a FasterQwen3TTS on the CPU from the same parts ``from_pretrained`` uses (it refuses
+    non-CUDA devices). Only for driving the engine's modules eagerly (graphs off)."""
+    from faster_qwen3_tts import FasterQwen3TTS
+    from faster_qwen3_tts.predictor_graph import PredictorGraph
+    from faster_qwen3_tts.talker_graph import TalkerGraph
+    from qwen_tts import Qwen3TTSModel
+
+    base = Qwen3TTSModel.from_pretrained(str(model_dir), dtype=dtype, attn_implementation=attention)
+    talker = base.model.talker
+    # "cpu:0" carries an index, so the graph helpers do not ask CUDA for the current device.
+    pred = PredictorGraph(talker.code_predictor, talker.code_predictor.model.config, talker.config.hidden_size,
+                          device="cpu:0", dtype=dtype, do_sample=False)
+    tg = TalkerGraph(talker.model, talker.config, device="cpu:0", dtype=dtype, max_seq_len=max_seq_len)
+    return FasterQwen3TTS(base_model=base, predictor_graph=pred, talker_graph=tg, device="cpu", dtype=dtype,
+                          max_seq_len=max_seq_len)
