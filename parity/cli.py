@@ -89,14 +89,29 @@ def run(
 def bisect(
     prompts: PromptsArg,
     recipe: RecipeOpt = None,
-    factors: Annotated[Optional[str], typer.Option("--factors", help="Comma-separated settings to bisect over.")] = None,
+    factors: Annotated[Optional[str], typer.Option("--factors", help="Comma-separated settings to bisect over: side fields (dtype, attention, cache, tf32, ...) or variant specs (rmsnorm_lowp@talker). Default: every setting that differs.")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Teacher-forced frames per probe run.")] = 8,
     out: OutOpt = None,
+    model: ModelOpt = None,
+    set_: SetOpt = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda for both sides.")] = None,
 ) -> None:
-    """Find which settings are responsible for a divergence (not implemented yet)."""
-    from parity.errors import BadInput
+    """Find the minimal set of settings (and the first layer) that makes the candidate diverge, and prove it."""
+    from parity.bisect import bisect as run_bisect
+    from parity.bisect import exit_code, render
 
-    raise BadInput("parity bisect is not implemented yet; use parity run with --set to compare settings one at a time")
+    rec = _recipe(recipe, model, set_, None, device)
+    names = [f.strip() for f in factors.split(",") if f.strip()] if factors is not None else None
+    out = out or Path("runs") / f"bisect-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def progress(text: str) -> None:
+        if err_console.is_terminal:
+            err_console.print(text, markup=False, highlight=False)
+
+    result = run_bisect(prompts, rec, names, steps, out, progress)
+    render(result, console)
+    console.print(f"wrote {out}/bisect.json")
+    raise typer.Exit(exit_code(result))
 
 
 @app.command()

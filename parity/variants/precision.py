@@ -2,8 +2,8 @@
 
 ``high`` lets fp32 matmuls use TF32 (CUDA, Ampere+) or bf16x3; ``medium`` bf16. The TF32 switch
 for the whole side is the recipe's ``tf32`` setting; this variant sets the precision for the
-selected layers' forward calls only and restores it after each call. On a CPU without bf16
-matmul support the setting changes nothing (measured on the tiny model: bit-identical).
+selected layers' forward calls only and restores it after each call. On CPU it can change the
+fp32 kernel too (measured on the tiny model, 2-core x86: ``medium`` differs by rel L2 1.5e-7).
 """
 
 from __future__ import annotations

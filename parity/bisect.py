@@ -1,0 +1,500 @@
+"""``parity bisect``: which settings (and which layers) make the candidate diverge, with proof.
+
+The reference and the candidate differ in a set of *settings*: the side fields that differ
+(``dtype``, ``attention``, ``cache``, ``tf32``, ...) and the variants only one side has. A
+*configuration* is the reference with a subset S of those settings switched to the candidate's
+value; it *diverges* when, run teacher-forced for K frames on the reference's codes, some point
+is over the recipe's tolerance (``first_divergence``, NaN/inf included). The reference trace is
+computed once; models are loaded once per distinct load-time setting (engine, dtype, device) and
+every other setting is changed on the loaded model (``engine.reconfigure``).
+
+Runs, in order (n settings; every configuration is run at most once unless it is a proof run):
+
+1. the whole candidate (if it does not diverge there is nothing to explain);
+2. each setting applied alone to the reference (n runs);
+3. the culprit search: delta debugging (Zeller's ddmin) for a 1-minimal diverging subset, answered
+   from step 2 when one setting alone diverges; repeated on what is left while the candidate
+   without the culprits found so far still diverges, so independent culprits are all found;
+4. the proof, both *run*, not inferred: the candidate without the culprits (run when the search
+   ends, it is what ends it) must be within tolerance, and the culprits alone, re-run, must diverge;
+5. each setting removed alone from the candidate (n runs, minus those already run);
+6. per-layer bisect for culprits that can be restricted to layers: apply the culprit to the
+   first k decoder layers (talker, then predictor) and binary-search the smallest k that
+   diverges: the first layer where it matters.
+
+With one culprit among n settings that is 1 + n + 2 + (n - 1) = 2n + 2 runs (18 for 8 settings),
+plus 1 + ceil(log2 L) for the layer bisect over L layers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from parity.errors import BadInput
+from parity.recipe import Recipe, Side
+
+FIELDS = ("engine", "dtype", "device", "attention", "cache", "tf32")
+LOAD_FIELDS = ("engine", "dtype", "device")  # need a freshly loaded model; the rest change in place
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Factor:
+    """One setting in which the candidate differs from the reference."""
+
+    name: str  # a side field ("dtype") or a canonical variant spec ("rmsnorm_lowp@talker")
+    kind: str  # "field", "variant" (the candidate adds it) or "variant_removed" (only the reference has it)
+    reference: Any
+    candidate: Any
+    load_time: bool
+    per_layer: bool = False
+
+    def describe(self) -> str:
+        if self.kind == "field":
+            return f"{self.name}: {self.reference} -> {self.candidate}"
+        return f"+{self.name}" if self.kind == "variant" else f"-{self.name} (reference's)"
+
+
+def find_factors(ref: Side, cand: Side, only: Iterable[str] | None = None) -> tuple[list[Factor], list[Factor]]:
+    """The settings that differ, in a stable order (fields, then variants), restricted to ``only``
+    when given (names: side fields or variant specs; a variant the candidate lacks is added to it).
+    Returns (factors to bisect, differences held at the reference's value)."""
+    from parity.variants import get_variant, parse
+
+    diffs = [
+        Factor(f, "field", getattr(ref, f), getattr(cand, f), f in LOAD_FIELDS)
+        for f in FIELDS if getattr(ref, f) != getattr(cand, f)
+    ]
+    for v in cand.variants:
+        if v not in ref.variants:
+            diffs.append(Factor(v, "variant", False, True, False, _per_layer(v)))
+    for v in ref.variants:
+        if v not in cand.variants:
+            diffs.append(Factor(v, "variant_removed", True, False, False))
+    if only is None:
+        return diffs, []
+    by_name = {f.name: f for f in diffs}
+    chosen: list[Factor] = []
+    for name in only:
+        if name in FIELDS:
+            if name not in by_name:
+                raise BadInput(f"--factors: '{name}' is the same on both sides ({getattr(ref, name)}); "
+                               f"settings that differ: {', '.join(by_name) or 'none'}")
+            factor = by_name[name]
+        elif name in by_name:
+            factor = by_name[name]
+        else:
+            spec = str(parse(name, cand.engine))  # BadInput for unknown variants
+            factor = by_name.get(spec) or Factor(spec, "variant", False, True, False, get_variant(parse(spec).name).per_layer)
+        if factor not in chosen:
+            chosen.append(factor)
+    held = [f for f in diffs if f not in chosen]
+    return chosen, held
+
+
+def _per_layer(spec: str) -> bool:
+    from parity.variants import get_variant, parse
+
+    return get_variant(parse(spec).name).per_layer
+
+
+def configure(ref: Side, factors: Iterable[Factor], extra_variants: Iterable[str] = ()) -> Side:
+    """The reference with ``factors`` switched to the candidate's value (plus ``extra_variants``)."""
+    changes: dict[str, Any] = {}
+    variants = list(ref.variants)
+    for f in factors:
+        if f.kind == "field":
+            changes[f.name] = f.candidate
+        elif f.kind == "variant":
+            variants.append(f.name)
+        else:
+            variants.remove(f.name)
+    variants += list(extra_variants)
+    return replace(ref, **changes, variants=tuple(variants))
+
+
+# -- runs -------------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    """One configuration run (over all prompts) and whether it diverges."""
+
+    run: int
+    purpose: str  # candidate / alone / search / proof / removed / layers
+    factors: list[str]
+    side: str
+    diverges: bool
+    first_divergence: dict | None = None  # of the first prompt that diverges
+    first_nonfinite: dict | None = None
+    max_rel_l2: float | None = None
+    seconds: float = 0.0
+    layers: str | None = None  # for layer-bisect runs: which layers the culprit was applied to
+
+    def text(self) -> str:
+        """'diverges at talker step 0 layer0 (rel L2 0.012)' or 'parity (max rel L2 3e-4)'."""
+        from parity.gates import where
+
+        if self.diverges and self.first_divergence:
+            d = self.first_divergence
+            return f"diverges at {where(d)} (rel L2 {_fmt(d['rel_l2'])})"
+        return f"parity (max rel L2 {_fmt(self.max_rel_l2)})"
+
+    def short(self) -> str:
+        """Table cell: 'diverges: talker 0 layer0, 0.012' / 'parity, max 3e-4' (run number after)."""
+        if self.diverges and self.first_divergence:
+            d = self.first_divergence
+            at = f"{d['step']}" + (f".{d['substep']}" if d["component"] == "predictor" else "")
+            return f"diverges: {d['component']} {at} {d['point']}, {_fmt(d['rel_l2'])} (run {self.run})"
+        return f"parity, max {_fmt(self.max_rel_l2)} (run {self.run})"
+
+
+def _fmt(v) -> str:
+    return v if isinstance(v, str) else ("-" if v is None else f"{v:.2g}")
+
+
+class Runner:
+    """Runs configurations teacher-forced on the cached reference traces; keeps loaded engines
+    (one per load-time setting when the engine can be reconfigured in place), counts runs and loads."""
+
+    def __init__(self, recipe: Recipe, prompts: list, steps: int, model_dir, progress: Callable[[str], None] | None = None):
+        self.recipe = recipe
+        self.prompts = prompts
+        self.decoding = replace(recipe.decoding, max_frames=steps)
+        self.model_dir = model_dir
+        self.tol = recipe.tolerance()
+        self.progress = progress or (lambda text: None)
+        self.engines: dict[Any, Any] = {}
+        self.loads = 0
+        self.runs = 0
+        self.reference_traces: dict[str, Any] = {}
+
+    def _engine(self, side: Side):
+        from parity.engines.base import make_engine
+
+        load_key = tuple(getattr(side, f) for f in LOAD_FIELDS)
+        engine = self.engines.get(load_key) or self.engines.get(side)
+        if engine is None:
+            engine = make_engine(side, self.model_dir)
+            engine.load()
+            self.loads += 1
+            self.engines[load_key if hasattr(engine, "reconfigure") else side] = engine
+        elif engine.side != side:
+            engine.reconfigure(side)
+        return engine
+
+    def run_reference(self) -> None:
+        """The reference's own K-frame trace per prompt: what every configuration is forced on."""
+        engine = self._engine(self.recipe.reference)
+        for p in self.prompts:
+            self.reference_traces[p.id] = engine.run(p, self.decoding)
+
+    def execute(self, side: Side, purpose: str, factors: list[str], layers: str | None = None) -> Outcome:
+        from parity import compare
+
+        self.runs += 1
+        self.progress(f"run {self.runs} ({purpose}): {side.label()}")
+        t0 = time.perf_counter()
+        engine = self._engine(side)
+        out = Outcome(self.runs, purpose, factors, side.label(), False, layers=layers)
+        worst = 0.0
+        for p in self.prompts:
+            ref = self.reference_traces[p.id]
+            cand = engine.run(p, self.decoding, force=ref)
+            points = compare.point_frame(cand, ref, self.tol)
+            summary = compare.summarize(points, cand, ref, None, self.tol)
+            m = summary["max_rel_l2"]
+            worst = max(worst, m if isinstance(m, float) else math.inf) if m is not None else worst
+            if summary["first_divergence"] is not None and not out.diverges:
+                out.diverges = True
+                out.first_divergence = {**summary["first_divergence"], "prompt": p.id}
+                out.first_nonfinite = summary["first_nonfinite"]
+        out.max_rel_l2 = worst if math.isfinite(worst) else "inf"
+        out.seconds = time.perf_counter() - t0
+        return out
+
+    def layer_counts(self) -> dict[str, int]:
+        engine = self._engine(self.recipe.reference)
+        talker = engine.talker
+        return {"talker": len(talker.model.layers), "predictor": len(talker.code_predictor.model.layers)}
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+        self.engines.clear()
+
+
+# -- the search -------------------------------------------------------------------------------
+
+Execute = Callable[[Side, str, list[str], "str | None"], Outcome]
+
+
+class Search:
+    """Delta debugging over settings with memoised runs, the proof and the layer bisect.
+    ``execute(side, purpose, factor names, layers)`` runs one configuration (the Runner's, or a
+    fake in tests)."""
+
+    def __init__(self, reference: Side, factors: list[Factor], execute: Execute, layer_counts: Callable[[], dict[str, int]]):
+        self.reference = reference
+        self.factors = factors
+        self.by_name = {f.name: f for f in factors}
+        self._execute = execute
+        self._layer_counts = layer_counts
+        self.memo: dict[Side, Outcome] = {}
+        self.log: list[Outcome] = []
+
+    def test(self, names: Iterable[str], purpose: str, fresh: bool = False) -> Outcome:
+        """Run (or recall) the reference with the named settings switched to the candidate's."""
+        ordered = [f.name for f in self.factors if f.name in set(names)]
+        side = configure(self.reference, [self.by_name[n] for n in ordered])
+        return self._run(side, purpose, ordered, fresh)
+
+    def _run(self, side: Side, purpose: str, names: list[str], fresh: bool = False, layers: str | None = None) -> Outcome:
+        if not fresh and side in self.memo:
+            return self.memo[side]
+        out = self._execute(side, purpose, names, layers)
+        self.memo.setdefault(side, out)
+        self.log.append(out)
+        return out
+
+    # ddmin: a 1-minimal diverging subset of `names` (which diverges as a whole).
+    def minimal_diverging(self, names: list[str]) -> list[str]:
+        singles = [n for n in names if self.test([n], "alone").diverges]
+        if singles:
+            return singles[:1]
+        config, n = list(names), 2
+        while len(config) >= 2:
+            chunks = [config[i * len(config) // n:(i + 1) * len(config) // n] for i in range(n)]
+            reduced = False
+            for chunk in chunks:
+                if chunk and self.test(chunk, "search").diverges:
+                    config, n, reduced = chunk, 2, True
+                    break
+            if not reduced:
+                for chunk in chunks:
+                    rest = [x for x in config if x not in chunk]
+                    if rest and self.test(rest, "search").diverges:
+                        config, n, reduced = rest, max(n - 1, 2), True
+                        break
+            if not reduced:
+                if n >= len(config):
+                    break
+                n = min(len(config), 2 * n)
+        return config
+
+    def run(self) -> dict:
+        names = [f.name for f in self.factors]
+        result: dict[str, Any] = {"factors": [asdict(f) | {"describe": f.describe()} for f in self.factors]}
+        full = self.test(names, "candidate")
+        result["candidate_run"] = asdict(full)
+        if not full.diverges:
+            result["verdict"] = "no divergence: the candidate stays within tolerance over these frames; nothing to explain"
+            return self._finish(result)
+        alone = {n: self.test([n], "alone") for n in names}
+
+        culprits: list[str] = []
+        without: Outcome | None = None
+        while True:
+            rest = [n for n in names if n not in culprits]
+            culprits += self.minimal_diverging(rest)
+            remaining = [n for n in names if n not in culprits]
+            if not remaining:
+                without = None  # the candidate without every setting is the reference itself
+                break
+            without = self.test(remaining, "proof", fresh=True)
+            if not without.diverges:
+                break
+        culprits = [n for n in names if n in culprits]
+        again = self.test(culprits, "proof", fresh=True)
+        holds = again.diverges and (without is None or not without.diverges)
+        result["culprits"] = culprits
+        result["proof"] = {
+            "culprits_alone": asdict(again),
+            "candidate_without": None if without is None else asdict(without),
+            "candidate_without_is_reference": without is None,
+            "holds": holds,
+        }
+        removed = {n: self.test([m for m in names if m != n], "removed") for n in names}
+        result["alone"] = {n: asdict(o) for n, o in alone.items()}
+        result["removed"] = {n: asdict(o) for n, o in removed.items()}
+        settings_runs = len(self.log)
+        result["layers"] = [self.layer_bisect(c, culprits, alone[c]) for c in culprits if self.by_name[c].per_layer]
+        result["verdict"] = (
+            f"culprit{'s' if len(culprits) > 1 else ''}: {', '.join(culprits)} (proof holds)" if holds
+            else f"proof failed for {', '.join(culprits)}: not reproducible as a set of settings (flaky or interacting)"
+        )
+        result["settings_runs"] = settings_runs
+        return self._finish(result)
+
+    def layer_bisect(self, name: str, culprits: list[str], alone: Outcome) -> dict:
+        """Smallest k such that the culprit applied to the first k positions diverges: the first
+        layer where it matters. Positions run in execution order: the talker's decoder layers,
+        then (when the culprit takes the whole talker) the talker's own parts outside them (final
+        norm, rotary embedding), then the same for the predictor. Applied to every position it is
+        the culprit itself, so that end of the search is known without a run."""
+        from parity.variants import parse
+
+        spec = parse(name)
+        base = [] if alone.diverges else [c for c in culprits if c != name]
+        counts = self._layer_counts()
+        positions: list[tuple[str, int | None]] = []  # (component, layer); layer None = outside the layers
+        for component in ("talker", "predictor"):
+            if spec.scope.covers(component):
+                start, stop = spec.scope.layers or (0, counts[component])
+                positions += [(component, i) for i in range(start, min(stop, counts[component]))]
+                if spec.scope.layers is None:
+                    positions.append((component, None))
+        base_side = configure(self.reference, [self.by_name[c] for c in base])
+        full_side = configure(self.reference, [self.by_name[c] for c in base + [name]])
+
+        def prefix(k: int) -> Outcome:
+            if k == len(positions):
+                return self._run(full_side, "layers", base + [name], layers="all")
+            layers: dict[str, list[int]] = {}
+            whole: set[str] = set()
+            for component, i in positions[:k]:
+                if i is None:
+                    whole.add(component)
+                else:
+                    layers.setdefault(component, []).append(i)
+            specs = [str(spec.with_layers(c, idx[0], idx[-1] + 1)) for c, idx in layers.items() if c not in whole]
+            specs += [f"{spec.name}{'=' + spec.arg if spec.arg else ''}@{c}" for c in whole]
+            side = replace(base_side, variants=base_side.variants + tuple(specs))
+            return self._run(side, "layers", base + [name], layers=", ".join(specs))
+
+        entry: dict[str, Any] = {"factor": name, "with": base, "positions": len(positions), "runs": []}
+        lo, hi = 0, len(positions)  # prefix lo is the base (parity), prefix hi is the culprit (diverges)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            out = prefix(mid)
+            entry["runs"].append(asdict(out))
+            lo, hi = (lo, mid) if out.diverges else (mid, hi)
+        component, layer = positions[hi - 1]
+        entry["first_layer"] = {"component": component, "layer": layer}
+        if layer is None:
+            entry["note"] = (f"the {component}'s decoder layers alone stay within tolerance; it matters once its "
+                             f"final norm / rotary embedding is included")
+        else:
+            entry["note"] = f"first matters at {component} layer {layer} (applied to the first {hi} of {len(positions)} positions)"
+        return entry
+
+    def _finish(self, result: dict) -> dict:
+        result["runs"] = [asdict(o) for o in self.log]
+        result["counts"] = {
+            "runs": len(self.log),
+            "settings_runs": result.get("settings_runs", len(self.log)),
+            "layer_runs": sum(o.purpose == "layers" for o in self.log),
+            "proof_reruns": sum(o.purpose == "proof" for o in self.log),
+        }
+        result.pop("settings_runs", None)
+        return result
+
+
+# -- the command ------------------------------------------------------------------------------
+
+def bisect(prompts_path: Path, recipe: Recipe, factors: list[str] | None, steps: int, out: Path | None,
+           progress: Callable[[str], None] | None = None) -> dict:
+    """Run ``parity bisect``; returns the result (also written to ``out/bisect.json`` under the
+    key ``bisect``)."""
+    from parity.models import resolve_model
+    from parity.prompts import load_prompts
+    from parity.run import write_json
+
+    if steps < 1:
+        raise BadInput(f"--steps must be at least 1, got {steps}")
+    prompts = load_prompts(prompts_path)
+    chosen, held = find_factors(recipe.reference, recipe.candidate, factors)
+    result: dict[str, Any] = {
+        "prompts": [p.id for p in prompts], "steps": steps, "tolerance": recipe.tolerance(),
+        "reference": asdict(recipe.reference), "candidate": asdict(recipe.candidate),
+        "held_at_reference": [f.describe() for f in held],
+    }
+    t0 = time.perf_counter()
+    if not chosen:
+        result.update(verdict="nothing to bisect: the reference and the candidate have the same settings",
+                      factors=[], runs=[], counts={"runs": 0, "settings_runs": 0, "layer_runs": 0, "proof_reruns": 0})
+        result["counts"].update(reference_runs=0, loads=0, seconds=0.0)
+    else:
+        runner = Runner(recipe, prompts, steps, resolve_model(recipe.model, recipe.model_seed), progress)
+        try:
+            runner.run_reference()
+            search = Search(recipe.reference, chosen, runner.execute, runner.layer_counts)
+            result.update(search.run())
+        finally:
+            runner.close()
+        result["counts"].update(reference_runs=1, loads=runner.loads, seconds=time.perf_counter() - t0)
+    if out is not None:
+        out = Path(out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadInput(f"--out '{out}' cannot be created ({e.strerror}); choose a writable directory") from None
+        write_json(out / "bisect.json", {"bisect": result})
+    return result
+
+
+def exit_code(result: dict) -> int:
+    """0: a proven culprit set, nothing to bisect or no divergence; 1: the proof did not hold."""
+    proof = result.get("proof")
+    return 1 if proof is not None and not proof["holds"] else 0
+
+
+def render(result: dict, console) -> None:
+    """The console table: each setting alone on the reference and removed from the candidate,
+    then the culprits, their proof, the layer bisect and the run count."""
+    from rich.table import Table
+
+    c = result["counts"]
+    if not result.get("factors"):
+        console.print(result["verdict"])
+        return
+    ref, cand = Side(**{**result["reference"], "variants": tuple(result["reference"]["variants"])}), \
+        Side(**{**result["candidate"], "variants": tuple(result["candidate"]["variants"])})
+    table = Table(
+        title=f"parity bisect: {ref.label()} vs {cand.label()}",
+        caption=f"{result['steps']} teacher-forced frames, tolerance rel L2 {result['tolerance']:g}; "
+        f"{c['runs']} runs (+{c['reference_runs']} reference), {c['loads']} model loads, {c['seconds']:.1f} s",
+    )
+    for col in ("setting", "load-time", "alone on the reference", "removed from the candidate", "culprit"):
+        table.add_column(col, overflow="fold")
+    culprits = set(result.get("culprits", []))
+    for f in result["factors"]:
+        alone = result.get("alone", {}).get(f["name"])
+        removed = result.get("removed", {}).get(f["name"])
+        table.add_row(
+            f["describe"], "yes" if f["load_time"] else "",
+            _cell(alone, bad_if=True), _cell(removed, bad_if=True),
+            "[red]yes[/]" if f["name"] in culprits else "",
+        )
+    console.print(table)
+    console.print(f"candidate: {_text(result['candidate_run'])}")
+    if result.get("held_at_reference"):
+        console.print(f"held at the reference's value (not in --factors): {', '.join(result['held_at_reference'])}")
+    console.print(f"verdict: {result['verdict']}")
+    proof = result.get("proof")
+    if proof:
+        alone = proof["culprits_alone"]
+        console.print(f"proof: culprits alone -> {_text(alone)} (run {alone['run']})")
+        if proof["candidate_without_is_reference"]:
+            console.print("proof: the candidate without them is the reference itself")
+        else:
+            w = proof["candidate_without"]
+            console.print(f"proof: candidate without them -> {_text(w)} (run {w['run']})")
+    for entry in result.get("layers", []):
+        runs = ", ".join(str(r["run"]) for r in entry["runs"])
+        console.print(f"layers: {entry['factor']}: {entry['note']} (runs {runs})")
+
+
+def _text(o: dict) -> str:
+    return Outcome(**o).text()
+
+
+def _cell(o: dict | None, bad_if: bool) -> str:
+    if o is None:
+        return "-"
+    color = "red" if o["diverges"] == bad_if else "green"
+    return f"[{color}]{Outcome(**o).short()}[/]"
