@@ -9,7 +9,8 @@ command line (``--set candidate.variants=rmsnorm_lowp,kv_quant=fp8``) or from co
 
 An engine calls :func:`apply_variants` on its loaded qwen_tts talker (before any CUDA-graph
 capture, so the change is captured too) and :func:`engine_settings` for the settings it must
-honour itself (``cuda_graphs``). The sampler comparison is a separate check: ``parity.variants.sampler``.
+honour itself (``cuda_graphs``). Sampler parity is a check over random logits rather than a
+setting on an engine: ``parity.variants.sampler.compare_samplers``.
 """
 
 from __future__ import annotations
