@@ -182,6 +182,10 @@ class Runner:
             engine = make_engine(side, self.model_dir)
             engine.load()
             self.loads += 1
+            if side.variants and getattr(engine, "applied", None) is None:
+                engine.close()
+                raise BadInput(f"the {side.engine} engine does not apply variants ({', '.join(side.variants)}); "
+                               "bisect them on the reference engine")
             self.engines[load_key if hasattr(engine, "reconfigure") else side] = engine
         elif engine.side != side:
             engine.reconfigure(side)
@@ -333,12 +337,13 @@ class Search:
     def layer_bisect(self, name: str, culprits: list[str], alone: Outcome) -> dict:
         """Smallest k such that the culprit applied to the first k positions diverges: the first
         layer where it matters. Positions run in execution order: the talker's decoder layers,
-        then (when the culprit takes the whole talker) the talker's own parts outside them (final
-        norm, rotary embedding), then the same for the predictor. Applied to every position it is
+        then (when the culprit takes the whole talker and changes more than its layers) the
+        talker's own parts outside them (final norm), then the same for the predictor. Applied to every position it is
         the culprit itself, so that end of the search is known without a run."""
-        from parity.variants import parse
+        from parity.variants import get_variant, parse
 
         spec = parse(name)
+        outside = get_variant(spec.name).outside_layers
         base = [] if alone.diverges else [c for c in culprits if c != name]
         counts = self._layer_counts()
         positions: list[tuple[str, int | None]] = []  # (component, layer); layer None = outside the layers
@@ -346,7 +351,7 @@ class Search:
             if spec.scope.covers(component):
                 start, stop = spec.scope.layers or (0, counts[component])
                 positions += [(component, i) for i in range(start, min(stop, counts[component]))]
-                if spec.scope.layers is None:
+                if spec.scope.layers is None and outside:
                     positions.append((component, None))
         base_side = configure(self.reference, [self.by_name[c] for c in base])
         full_side = configure(self.reference, [self.by_name[c] for c in base + [name]])
@@ -377,7 +382,7 @@ class Search:
         entry["first_layer"] = {"component": component, "layer": layer}
         if layer is None:
             entry["note"] = (f"the {component}'s decoder layers alone stay within tolerance; it matters once its "
-                             f"final norm / rotary embedding is included")
+                             f"parts outside the layers (final norm) are included")
         else:
             entry["note"] = f"first matters at {component} layer {layer} (applied to the first {hi} of {len(positions)} positions)"
         return entry

@@ -161,6 +161,7 @@ class Variant(ABC):
     args: tuple[str, ...] = ()  # allowed ARG values ("" = no arg allowed); empty tuple: any / none
     default_arg: str | None = None
     per_layer: bool = True  # can be restricted to a layer range (so a layer bisect makes sense)
+    outside_layers: bool = False  # a whole-component scope also changes parts outside the decoder layers
     engines: tuple[str, ...] = ("reference", "faster")
     needs_layer: bool = False  # the spec must name a component and a layer
 
