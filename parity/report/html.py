@@ -1,23 +1,245 @@
-"""report.html: one self-contained file rendered from a Jinja2 template (autoescaped)."""
+"""report.html: one self-contained file rendered from a Jinja2 template (autoescaped).
+
+``render`` reads summary.json's content plus, from the run directory, the compared points
+(heatmaps, added error), the traces' chosen tokens (token timeline) and the WAVs (A/B players).
+Everything is inline: CSS, SVG charts with PNG heatmaps as data URIs, a few lines of optional
+JavaScript, and the audio while it fits the size budget (see ``parity.report.audio``). The
+report stays under ``SIZE_LIMIT`` bytes: heatmaps are binned more coarsely if needed, then audio
+that does not fit is linked by relative path instead of embedded.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-from jinja2 import Environment, PackageLoader, select_autoescape
+from jinja2 import Environment, PackageLoader
+
+from parity.audio_align import CODEC_FRAME_RATE
+from parity.gates import where
+from parity.report import audio, plots, rundata
+from parity.report.step_summary import gate_table, write_step_summary
+
+SIZE_LIMIT = 5_000_000  # bytes of report.html (issue: <= 5 MB for 18 prompts x 500 frames)
+_MARGIN = 64_000  # slack for the markup around embedded audio
 
 
 def _env() -> Environment:
-    return Environment(loader=PackageLoader("parity", "report/templates"), autoescape=select_autoescape(["html"]))
+    env = Environment(loader=PackageLoader("parity", "report/templates"), autoescape=True,
+                      trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = _num
+    env.filters["show"] = show
+    env.filters["pct"] = lambda v: "-" if v is None else f"{v:.1%}"
+    return env
 
 
-def render(summary: dict, run_dir: Path) -> str:
-    """Render the report for a run directory's summary."""
-    return _env().get_template("report.html.j2").render(s=summary)
+def _num(v, spec: str = ".3g") -> str:
+    """A number for a table cell: '-' for missing, strings ('inf') kept."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    return format(v, spec)
+
+
+def show(v) -> str:
+    """A setting or fingerprint value as text, the same before and after a JSON round trip."""
+    if isinstance(v, (list, tuple)):
+        return ", ".join(show(x) for x in v) if v else "-"
+    if isinstance(v, dict):
+        return json.dumps(v, default=str, ensure_ascii=False, sort_keys=True)
+    return "-" if v is None else str(v)
+
+
+def _seconds(frame) -> float | None:
+    return None if frame is None else float(frame) / CODEC_FRAME_RATE
+
+
+def _score(side) -> float | None:
+    """One number for a side's MOS entry: its OVRL (DNSMOS) or MOS/UTMOS, else the first number."""
+    if isinstance(side, (int, float)) and not isinstance(side, bool):
+        return float(side)
+    if isinstance(side, dict):
+        for key in ("ovrl", "mos", "utmos", "score"):
+            if isinstance(side.get(key), (int, float)):
+                return float(side[key])
+        for v in side.values():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return float(v)
+    return None
+
+
+def mos_cells(mos: dict | None) -> dict | None:
+    """MOS of both sides and their delta (candidate - reference) for the table."""
+    if not isinstance(mos, dict):
+        return None
+    ref, cand = _score(mos.get("reference")), _score(mos.get("candidate"))
+    delta = _score(mos.get("delta"))
+    if delta is None and ref is not None and cand is not None:
+        delta = cand - ref
+    return {"reference": ref, "candidate": cand, "delta": delta}
+
+
+def flip_text(flip: dict | None, short: bool = False) -> str:
+    """The first teacher-forced flip: 'predictor frame 3 sub-step 6: 112→40, margin 0.02 (ref rank 1)',
+    or in short 'predictor frame 3 sub-step 6 · 112→40 · Δ0.02', or 'none'."""
+    if not flip:
+        return "none"
+    place = where({**flip, "point": ""}).strip()
+    tokens = f"{flip.get('ref_token')}→{flip.get('cand_token')}"
+    if short:
+        return f"{place} · {tokens} · Δ{_num(flip.get('cand_margin'), '.2g')}"
+    text = f"{place}: {tokens}, margin {_num(flip.get('cand_margin'))}"
+    if flip.get("ref_rank_in_cand") is not None:
+        text += f" (ref rank {flip['ref_rank_in_cand']})"
+    return text
+
+
+def tables(obj) -> list[dict]:
+    """A JSON-ish value (a bisect result, whatever its exact shape) as simple tables:
+    a list of records is one table; a dict gives a key/value table plus one table per list of
+    records inside it."""
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return _num(v, ".4g")
+        if isinstance(v, (dict, list)):
+            return json.dumps(v, default=str, ensure_ascii=False)
+        return "-" if v is None else str(v)
+
+    def records(title: str, rows: list) -> dict:
+        cols: list[str] = []
+        for r in rows:
+            cols += [k for k in r if k not in cols]
+        return {"title": title, "columns": cols, "rows": [[cell(r.get(c)) for c in cols] for r in rows]}
+
+    if isinstance(obj, list) and obj and all(isinstance(r, dict) for r in obj):
+        return [records("", obj)]
+    if isinstance(obj, dict):
+        out = []
+        scalars = {k: v for k, v in obj.items() if not (isinstance(v, list) and v and all(isinstance(r, dict) for r in v))}
+        if scalars:
+            out.append({"title": "", "columns": ["", ""], "rows": [[str(k), cell(v)] for k, v in scalars.items()]})
+        out += [records(str(k), v) for k, v in obj.items() if k not in scalars]
+        return out
+    if obj is None:
+        return []
+    return [{"title": "", "columns": [""], "rows": [[cell(obj)]]}]
+
+
+def _settings(sides: dict) -> dict:
+    """Both sides' settings as rows (key, values per side, differs?)."""
+    roles = list(sides)
+    keys: list[str] = []
+    for s in sides.values():
+        keys += [k for k in (s or {}) if k not in keys]
+    rows = [{"key": k, "values": [show((sides[r] or {}).get(k)) for r in roles],
+             "differs": len({show((sides[r] or {}).get(k)) for r in roles}) > 1} for k in keys]
+    return {"roles": roles, "rows": rows}
+
+
+def _prompt_view(p: dict, index: int, run_dir: Path) -> dict:
+    """Everything one prompt's section shows; heatmaps are drawn later (their binning depends on
+    the size budget), from the grids kept here."""
+    view = {"p": p, "anchor": f"prompt-{index}", "mos": mos_cells(p.get("mos")), "charts": {}, "notes": [], "grids": []}
+    if p.get("status") != "ok":
+        return view
+    c = p.get("comparison") or {}
+    first = c.get("first_divergence")
+    view["first"] = first
+    view["first_where"] = where(first) if first else None
+    view["flip"] = flip_text(c.get("first_flip"))
+    view["flip_short"] = flip_text(c.get("first_flip"), short=True)
+    points = rundata.load_points(run_dir, p["id"])
+    charts = view["charts"]
+    if points is None:
+        view["notes"].append("points/%s.csv.gz is missing or unreadable: no heatmaps" % p["id"])
+    else:
+        view["grids"] = [g for g in (plots.heatmap_grid(points, comp) for comp in ("talker", "predictor")) if g]
+        for comp in ("talker", "predictor"):
+            charts[f"{comp}_bars"] = plots.added_bars(points, comp, first)
+    tokens = rundata.load_tokens(run_dir, p["id"])
+    if tokens is None:
+        view["notes"].append("traces are missing: no token timeline")
+    else:
+        charts["tokens"] = plots.token_timeline(tokens.ref_cb0, tokens.cand_cb0, tokens.forced_cb0_flip,
+                                                tokens.forced_pred_flips, c.get("first_flip"))
+    markers = []
+    if first:
+        markers.append(("first divergence", _seconds(first["step"]), plots.COLORS["marker"]))
+    if c.get("first_flip"):
+        markers.append(("first forced flip", _seconds(c["first_flip"]["step"]), plots.COLORS["forced"]))
+    if (c.get("free_run") or {}).get("first_diff_frame") is not None:
+        markers.append(("codes differ", _seconds(c["free_run"]["first_diff_frame"]), plots.COLORS["flip"]))
+    if isinstance(p.get("audible_from_s"), (int, float)):
+        markers.append(("audible", float(p["audible_from_s"]), "#000000"))
+    view["markers"] = sorted(markers, key=lambda m: m[1])
+    view["seek"] = _seconds(first["step"]) if first else (min(m[1] for m in markers) if markers else None)
+    return view
+
+
+def _draw_heatmaps(view: dict, scale: plots.Scale, max_cols: int) -> None:
+    for g in view["grids"]:
+        view["charts"][f"{g.component}_map"] = plots.heatmap(g, scale, view.get("first"), max_cols, f"{g.component} relative L2")
+
+
+def _with_audio(view: dict, run_dir: Path, embed: bool) -> dict:
+    p = view["p"]
+    if p.get("status") != "ok":
+        return view
+    clips = audio.clips(run_dir, p, embed)
+    durations = [c.duration_s for c in clips if c.duration_s]
+    frames = (p.get("comparison") or {}).get("ref_frames") or 0
+    duration = max(durations, default=frames / CODEC_FRAME_RATE)
+    return {**view, "clips": clips,
+            "time_axis": plots.time_axis(duration, view.get("markers", [])) if duration else None}
+
+
+def _render(summary: dict, run_dir: Path, views: list[dict], embed: dict[str, bool], scale: plots.Scale,
+            max_cols: int) -> str:
+    prompts = summary.get("prompts", [])
+    return _env().get_template("report.html.j2").render(
+        s=summary,
+        gates=gate_table(summary),
+        settings=_settings(summary.get("sides") or (summary.get("recipe") or {})),
+        prompts=[_with_audio(v, run_dir, embed.get(v["p"]["id"], False)) for v in views],
+        has_mos=any(isinstance(p.get("mos"), dict) for p in prompts),
+        has_audible=any(p.get("audible_from_s") is not None for p in prompts),
+        bisect=tables(summary.get("bisect")) if summary.get("bisect") else [],
+        colorbar=plots.colorbar(scale),
+        scale=scale,
+        frame_rate=CODEC_FRAME_RATE,
+        embedded=sum(embed.values()),
+        tables=tables,
+        max_cols=max_cols,
+    )
+
+
+def render(summary: dict, run_dir: Path, size_limit: int = SIZE_LIMIT) -> str:
+    """Render the report for a run directory's summary, within ``size_limit`` bytes when the
+    charts allow it (audio is embedded only into the room the rest leaves)."""
+    run_dir = Path(run_dir)
+    scale = plots.Scale(summary.get("tolerance") or 1e-2)
+    prompts = summary.get("prompts", [])
+    views = [_prompt_view(p, i, run_dir) for i, p in enumerate(prompts)]
+    max_cols = plots.MAX_COLS
+    while True:
+        for v in views:
+            _draw_heatmaps(v, scale, max_cols)
+        bare = _render(summary, run_dir, views, {}, scale, max_cols)
+        size = len(bare.encode("utf-8"))
+        if size <= size_limit or max_cols <= 25:
+            break
+        max_cols = max(25, max_cols // 2)
+    embed = audio.plan(run_dir, [v["p"] for v in views if v["p"].get("status") == "ok"], size_limit - size - _MARGIN)
+    if not any(embed.values()):
+        return bare
+    return _render(summary, run_dir, views, embed, scale, max_cols)
 
 
 def write(summary: dict, run_dir: Path, path: Path) -> None:
+    """Write report.html atomically; also append the GitHub job summary when running there."""
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
     tmp.write_text(render(summary, Path(run_dir)), encoding="utf-8")
     os.replace(tmp, path)
+    write_step_summary(summary)

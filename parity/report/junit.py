@@ -1,42 +1,74 @@
-"""JUnit XML: one test case per prompt and gate, so CI systems show parity gates as tests."""
+"""JUnit XML: one test case per prompt and gate, so CI systems show parity gates as tests.
+
+- a prompt that ran: one case per evaluated gate (a failure when the gate failed); a prompt that
+  ran with every gate switched off gets one passing ``run`` case, so it still shows up;
+- a prompt that did not run (the engine crashed first): one skipped ``run`` case;
+- an engine failure: one extra ``engine`` case with an error.
+
+Counts (tests, failures, errors, skipped) are set on the suite and on the root, where some CI
+readers look. Text from the run is stripped of characters XML 1.0 cannot carry.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from parity.gates import where
+
+_INVALID_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _clean(text: object) -> str:
+    return _INVALID_XML.sub("?", str(text))
+
+
+def _seconds(timing: dict | None, n_cases: int) -> str:
+    """The prompt's engine time, shared evenly by its cases (so suite totals stay right)."""
+    total = sum(v for v in (timing or {}).values() if isinstance(v, (int, float)))
+    return f"{total / max(n_cases, 1):.3f}"
 
 
 def build(summary: dict) -> ET.Element:
     """The <testsuites> tree for a run summary."""
     suites = ET.Element("testsuites", name="parity")
-    suite = ET.SubElement(suites, "testsuite", name=f"parity.{summary.get('recipe', {}).get('name', 'run')}")
-    tests = failures = skipped = 0
-    for prompt in summary["prompts"]:
-        if prompt["status"] != "ok":
-            case = ET.SubElement(suite, "testcase", classname=f"parity.{prompt['id']}", name="run")
-            ET.SubElement(case, "skipped", message=f"prompt not run ({prompt['status']})")
-            tests += 1
-            skipped += 1
+    suite = ET.SubElement(suites, "testsuite", name=_clean(f"parity.{(summary.get('recipe') or {}).get('name', 'run')}"))
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    for prompt in summary.get("prompts", []):
+        classname = _clean(f"parity.{prompt['id']}")
+        if prompt.get("status") != "ok":
+            case = ET.SubElement(suite, "testcase", classname=classname, name="run", time="0")
+            ET.SubElement(case, "skipped", message=_clean(f"prompt not run ({prompt.get('status')})"))
+            counts["tests"] += 1
+            counts["skipped"] += 1
             continue
-        for gate in prompt["gates"]:
-            case = ET.SubElement(suite, "testcase", classname=f"parity.{prompt['id']}", name=gate["name"])
-            tests += 1
+        first = (prompt.get("comparison") or {}).get("first_divergence")
+        context = f"first divergence: {where(first) if first else 'none'}"
+        gates = prompt.get("gates") or [{"name": "run", "passed": True, "detail": "no gate evaluated"}]
+        per_case = _seconds(prompt.get("timing"), len(gates))
+        for gate in gates:
+            case = ET.SubElement(suite, "testcase", classname=classname, name=_clean(gate["name"]), time=per_case)
+            counts["tests"] += 1
             if not gate["passed"]:
-                failures += 1
-                ET.SubElement(case, "failure", message=gate["detail"]).text = gate["detail"]
+                counts["failures"] += 1
+                ET.SubElement(case, "failure", message=_clean(gate["detail"]), type="parity.gate").text = _clean(
+                    f"{gate['detail']}\n{context}")
+            ET.SubElement(case, "system-out").text = _clean(f"{gate['detail']}; {context}")
     if summary.get("failure"):
-        case = ET.SubElement(suite, "testcase", classname="parity", name="engine")
-        ET.SubElement(case, "error", message=summary["failure"])
-        tests += 1
-        suite.set("errors", "1")
-    suite.set("tests", str(tests))
-    suite.set("failures", str(failures))
-    suite.set("skipped", str(skipped))
+        case = ET.SubElement(suite, "testcase", classname="parity", name="engine", time="0")
+        ET.SubElement(case, "error", message=_clean(summary["failure"]), type="parity.engine")
+        counts["tests"] += 1
+        counts["errors"] += 1
+    for element in (suite, suites):
+        for key, value in counts.items():
+            element.set(key, str(value))
     return suites
 
 
 def write(summary: dict, path: Path) -> None:
+    """Write junit.xml atomically."""
     tree = ET.ElementTree(build(summary))
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
     tree.write(tmp, encoding="utf-8", xml_declaration=True)
