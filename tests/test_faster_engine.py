@@ -95,3 +95,16 @@ def test_stale_snapshot_is_detected():
     stale[2] = stale[1]  # a replay that did not rewrite its slots
     with pytest.raises(ProbeCoverageError, match="snapshot 2 is identical to snapshot 1"):
         _check_stale(stale, "talker")
+
+
+def test_variants_apply_to_the_faster_engine(tiny_dir, prompt, reference_trace):
+    """A side's variants reach the engine's modules: an int8 KV cache on the talker only."""
+    side = Side(engine="faster", dtype="float32", cache="static:256", variants=("kv_quant=int8@talker",))
+    engine = FasterEngine(side, tiny_dir, allow_cpu=True, cuda_graphs=False)
+    engine.load()
+    forced = engine.run(prompt, Decoding(max_frames=FRAMES), force=reference_trace)
+    engine.close()
+    points = compare.point_frame(forced, reference_trace, tol=1e-5)
+    first = compare.summarize(points, forced, reference_trace, None, 1e-5)["first_divergence"]
+    # The error enters in the talker (int8 K/V is far above fp32 noise), not the predictor.
+    assert first["component"] == "talker" and first["rel_l2"] > 1e-4

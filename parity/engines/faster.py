@@ -31,6 +31,7 @@ from parity.errors import BadInput
 from parity.prompts import Prompt
 from parity.recipe import Decoding, Side
 from parity.trace import Trace
+from parity.variants import apply_variants, engine_settings
 
 NUM_SUB_STEPS = 15
 
@@ -210,6 +211,10 @@ class FasterEngine(Engine):
         else:
             self.tts = _cpu_instance(self.model_dir, dtype, self.side.attention, max_seq_len)
         talker = self.tts.model.model.talker
+        # Variants change the modules the graphs will capture, so they go in before capture and
+        # before the taps (which hook the layers as they then are).
+        self.applied = apply_variants(talker, self.side.variants, self.name)
+        self.cuda_graphs = engine_settings(self.side.variants).get("cuda_graphs", self.cuda_graphs) and self.device.type == "cuda"
         if self.with_taps:
             self.taps = GraphTaps(talker, dtype, self.device)
             self.taps.attach()
@@ -229,6 +234,9 @@ class FasterEngine(Engine):
         self._patches.clear()
         if self.taps is not None:
             self.taps.detach()
+        if getattr(self, "applied", None) is not None:
+            self.applied.undo()
+            self.applied = None
         self.tts = None
         self.taps = None
         if torch.cuda.is_available():
