@@ -2,11 +2,11 @@
 and sampler parity, on a built-in random checkpoint.
 
     python benchmarks/bench_bisect.py --out reports/bench_bisect_cpu.json
-    python benchmarks/bench_bisect.py --model random:0.6b --device cuda --out reports/bench_bisect_gpu.json
+    python benchmarks/bench_bisect.py --model random:0.6b --device cuda --faster --out reports/bench_bisect_gpu.json
 
 The bisect: reference fp32/sdpa/dynamic; candidate bf16 (load-time), eager attention, a 256-slot
 StaticCache, TF32 on, and the variants kv_quant=fp8 (the planted culprit), fused_qkv,
-fused_gate_up and sdpa_backend=flash (harmless here): 8 settings, one prompt, K teacher-forced
+fused_gate_up and sdpa_backend=flash (matmul_precision=highest on CUDA; harmless): 8 settings, one prompt, K teacher-forced
 frames, bf16 tolerance 2.5e-2 (the fp32->bf16 change alone stays under it on the tiny model).
 """
 
@@ -35,21 +35,35 @@ VARIANTS = ["rmsnorm_lowp", "rmsnorm_lowp@predictor", "rope_lowp", "fused_qkv", 
 
 def bisect_recipe(model: str, device: str) -> Recipe:
     ref = Side(dtype="float32", device=device)
+    # Forcing the flash SDPA kernel is a no-op on CPU (torch already picks it) but fails for fp32
+    # on CUDA; there the fourth decoy is the default matmul precision set explicitly.
+    decoy = "sdpa_backend=flash" if device == "cpu" else "matmul_precision=highest"
     cand = Side(dtype="bfloat16", attention="eager", cache="static:256", tf32=True, device=device,
-                variants=("kv_quant=fp8", "fused_qkv", "fused_gate_up", "sdpa_backend=flash"))
+                variants=("kv_quant=fp8", "fused_qkv", "fused_gate_up", decoy))
     return Recipe(name="bench8", model=model, reference=ref, candidate=cand,
                   tolerances={**DEFAULT_TOLERANCES, "bfloat16": 2.5e-2})
 
 
-def bench_bisect(model: str, device: str, steps: int) -> dict:
+def faster_recipe(model: str, device: str) -> Recipe:
+    """The faster engine against the reference: engine, attention and cache differ (the faster
+    engine applies no variants yet, and loads once per distinct side: it cannot be reconfigured)."""
+    ref = Side(dtype="bfloat16", device=device)
+    cand = Side(engine="faster", dtype="bfloat16", attention="eager", cache="static:2048", device=device)
+    return Recipe(name="faster3", model=model, reference=ref, candidate=cand)
+
+
+def bench_bisect(model: str, device: str, steps: int, recipe: Recipe | None = None) -> dict:
     from parity.bisect import bisect
 
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp) / "p.txt"
         prompts.write_text(PROMPT + "\n")
         t0 = time.perf_counter()
-        result = bisect(prompts, bisect_recipe(model, device), None, steps, None)
+        result = bisect(prompts, recipe or bisect_recipe(model, device), None, steps, None)
         wall = time.perf_counter() - t0
+    if "proof" not in result:  # no divergence to explain
+        return {"settings": [f["describe"] for f in result["factors"]], "steps": steps, "verdict": result["verdict"],
+                "counts": result["counts"], "wall_s": wall}
     runs = result["runs"]
     return {
         "settings": [f["describe"] for f in result["factors"]], "steps": steps, "tolerance": result["tolerance"],
@@ -113,6 +127,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--trials", type=int, default=1000)
+    parser.add_argument("--faster", action="store_true", help="also bisect the faster engine against the reference (CUDA)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -129,12 +144,16 @@ def main() -> None:
         "variants": bench_variants(args.model, args.device, args.steps),
         "sampler": bench_sampler(args.trials),
     }
+    if args.faster:
+        data["bisect_faster"] = bench_bisect(args.model, args.device, args.steps, faster_recipe(args.model, args.device))
     data["machine"]["load_average_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    b = data["bisect"]
-    print(f"bisect: {b['counts']['settings_runs']} settings runs + {b['counts']['layer_runs']} layer runs, "
-          f"{b['counts']['loads']} loads, {b['wall_s']:.1f} s; {b['verdict']}")
+    for key in ("bisect", "bisect_faster"):
+        if key in data:
+            b = data[key]
+            print(f"{key}: {b['counts']['settings_runs']} settings runs + {b['counts']['layer_runs']} layer runs, "
+                  f"{b['counts']['loads']} loads, {b['wall_s']:.1f} s; {b['verdict']}")
     for row in data["variants"]:
         print(f"  {row['variant']:28s} max rel L2 {row['max_rel_l2']}  first diff {row['first_difference']}")
     for row in data["sampler"]:

@@ -134,6 +134,7 @@ class Outcome:
     max_rel_l2: float | None = None
     seconds: float = 0.0
     layers: str | None = None  # for layer-bisect runs: which layers the culprit was applied to
+    hints: list[str] = field(default_factory=list)  # compare's signature hints for the first diverging prompt
 
     def text(self) -> str:
         """'diverges at talker step 0 layer0 (rel L2 0.012)' or 'parity (max rel L2 3e-4)'."""
@@ -211,12 +212,14 @@ class Runner:
             cand = engine.run(p, self.decoding, force=ref)
             points = compare.point_frame(cand, ref, self.tol)
             summary = compare.summarize(points, cand, ref, None, self.tol)
-            m = summary["max_rel_l2"]
-            worst = max(worst, m if isinstance(m, float) else math.inf) if m is not None else worst
+            m = summary["max_rel_l2"]  # a float, "inf" or None (nothing compared)
+            if m is not None:
+                worst = max(worst, math.inf if m == "inf" else m)
             if summary["first_divergence"] is not None and not out.diverges:
                 out.diverges = True
                 out.first_divergence = {**summary["first_divergence"], "prompt": p.id}
                 out.first_nonfinite = summary["first_nonfinite"]
+                out.hints = [h["text"] for h in summary["hints"]]
         out.max_rel_l2 = worst if math.isfinite(worst) else "inf"
         out.seconds = time.perf_counter() - t0
         return out
@@ -477,6 +480,8 @@ def render(result: dict, console) -> None:
         )
     console.print(table)
     console.print(f"candidate: {_text(result['candidate_run'])}")
+    for hint in result["candidate_run"].get("hints", []):
+        console.print(f"  {hint}", markup=False, highlight=False)
     if result.get("held_at_reference"):
         console.print(f"held at the reference's value (not in --factors): {', '.join(result['held_at_reference'])}")
     console.print(f"verdict: {result['verdict']}")

@@ -13,6 +13,14 @@ import torch
 from parity.variants.base import Applied, Spec, Target, Variant
 
 
+def _current() -> str:
+    """The precision in force, read from the legacy TF32 flag the engines set (``tf32`` side
+    setting). On CUDA, torch 2.11's generic ``get_float32_matmul_precision`` raises once the
+    legacy and per-backend flags have both been touched ("mix of the legacy and new APIs"),
+    so it is not used."""
+    return "high" if torch.backends.cuda.matmul.allow_tf32 else "highest"
+
+
 class MatmulPrecision(Variant):
     name = "matmul_precision"
     summary = "torch.set_float32_matmul_precision for the selected layers (highest/high/medium)"
@@ -24,7 +32,7 @@ class MatmulPrecision(Variant):
             original = layer.forward
 
             def forward(*args, _original=original, **kwargs):
-                old = torch.get_float32_matmul_precision()
+                old = _current()
                 torch.set_float32_matmul_precision(spec.arg)
                 try:
                     return _original(*args, **kwargs)
