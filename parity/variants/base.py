@@ -87,8 +87,24 @@ class Applied:
 
     def __init__(self) -> None:
         self._steps: list[Callable[[], None]] = []
-        self.notes: dict[str, dict] = {}
+        self._notes: dict[str, dict] = {}
+        self._refreshers: list[Callable[[], None]] = []
         self.specs: list[Spec] = []
+
+    def note(self, key: str, refresh: Callable[[dict], None] | None = None) -> dict:
+        """The notes dict for ``key``; ``refresh(note)`` brings it up to date when notes are read
+        (so a variant can keep its counters on the device and sync only then)."""
+        note = self._notes.setdefault(key, {})
+        if refresh is not None:
+            self._refreshers.append(lambda: refresh(note))
+        return note
+
+    @property
+    def notes(self) -> dict[str, dict]:
+        """Measurements the variants took, per spec (e.g. the KV quantisation SQNR)."""
+        for refresh in self._refreshers:
+            refresh()
+        return self._notes
 
     def add(self, step: Callable[[], None]) -> None:
         self._steps.append(step)

@@ -5,7 +5,7 @@ Every K/V write is scaled per (batch, head) by its absolute maximum over the wri
 and head dimension, rounded to fp8 e4m3 (max 448) or int8 (max 127), and stored dequantised. A
 kernel that stores the 8-bit codes plus the scale and dequantises on read computes exactly these
 values, so attention sees the same numbers. The variant measures the quantisation SQNR of what it
-writes (``notes["kv_quant"]``). Signature: error proportional to the K/V rounding, from layer 0 of
+writes (``applied.notes["kv_quant=fp8"]``). Signature: error proportional to the K/V rounding, from layer 0 of
 the prefill on, not growing with position.
 """
 
@@ -31,19 +31,33 @@ def fake_quantize(x: torch.Tensor, kind: str) -> torch.Tensor:
     return (q * scale).to(x.dtype)
 
 
+class _Power:
+    """Signal and noise power of what was written, kept on the device (in place, so it also
+    accumulates inside a captured CUDA graph); read back only when the notes are read."""
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None  # [k signal, k noise, v signal, v noise]
+
+    def add(self, i: int, x: torch.Tensor, q: torch.Tensor) -> None:
+        if self.sums is None:
+            self.sums = torch.zeros(4, dtype=torch.float64, device=x.device)
+        d = x.double()
+        self.sums[2 * i].add_(d.pow(2).sum())
+        self.sums[2 * i + 1].add_((d - q.double()).pow(2).sum())
+
+
 class _QuantizingCache:
     """Wraps a transformers Cache: quantises K/V on ``update``, everything else passes through."""
 
-    def __init__(self, cache, kind: str, stats: dict):
+    def __init__(self, cache, kind: str, power: _Power):
         self._cache = cache
         self._kind = kind
-        self._stats = stats
+        self._power = power
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         qk, qv = fake_quantize(key_states, self._kind), fake_quantize(value_states, self._kind)
-        for name, x, q in (("k", key_states, qk), ("v", value_states, qv)):
-            self._stats[f"{name}_signal"] += float(x.double().pow(2).sum())
-            self._stats[f"{name}_noise"] += float((x.double() - q.double()).pow(2).sum())
+        self._power.add(0, key_states, qk)
+        self._power.add(1, value_states, qv)
         return self._cache.update(qk, qv, layer_idx, cache_kwargs)
 
     def __getattr__(self, name):
@@ -54,6 +68,10 @@ def sqnr_db(signal: float, noise: float) -> float:
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class KVQuant(Variant):
     name = "kv_quant"
     summary = "KV cache stored as fp8 e4m3 or int8 with per-head scales, dequantised on read"
@@ -61,24 +79,20 @@ class KVQuant(Variant):
     default_arg = "fp8"
 
     def apply(self, target: Target, spec: Spec, applied: Applied) -> None:
-        stats = {"k_signal": 0.0, "k_noise": 0.0, "v_signal": 0.0, "v_noise": 0.0}
-        note = applied.notes.setdefault(str(spec), {"format": spec.arg})
+        power = _Power()
 
-        def refresh() -> None:
-            note["k_sqnr_db"] = sqnr_db(stats["k_signal"], stats["k_noise"])
-            note["v_sqnr_db"] = sqnr_db(stats["v_signal"], stats["v_noise"])
+        def refresh(note: dict) -> None:
+            if power.sums is not None and not _capturing():
+                ks, kn, vs, vn = power.sums.tolist()
+                note.update(k_sqnr_db=sqnr_db(ks, kn), v_sqnr_db=sqnr_db(vs, vn))
 
+        applied.note(str(spec), refresh)["format"] = spec.arg
         for _, _, layer in target.layers(spec.scope):
 
             def wrap(module, args, kwargs):
                 cache = kwargs.get("past_key_values")
                 if cache is not None and not isinstance(cache, _QuantizingCache):
-                    kwargs["past_key_values"] = _QuantizingCache(cache, spec.arg, stats)
+                    kwargs["past_key_values"] = _QuantizingCache(cache, spec.arg, power)
                 return args, kwargs
 
-            def measured(module, args, kwargs, output):
-                refresh()
-
-            attn = layer.self_attn
-            applied.hook(attn.register_forward_pre_hook(wrap, with_kwargs=True))
-            applied.hook(attn.register_forward_hook(measured, with_kwargs=True))
+            applied.hook(layer.self_attn.register_forward_pre_hook(wrap, with_kwargs=True))

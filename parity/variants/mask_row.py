@@ -7,7 +7,8 @@ the unguarded eager softmax, as the FastDeploy kernel did. PyTorch's own SDPA ke
 the eager softmax the variant would not reproduce the bug under ``attention = "sdpa"``.
 
 It exists to exercise NaN detection: the comparison must report the first non-finite value at
-(component, step S, layer L) and nothing non-finite before it.
+(component, step S, layer L) and nothing non-finite before it. The step is counted in Python, so
+it needs eager execution: on the faster engine use it with ``cuda_graphs=off``.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class MaskRow(Variant):
         attn = layer.self_attn
         original = attn.forward
         calls = {"since_prefill": 0}
-        note = applied.notes.setdefault(str(spec), {"masked_calls": 0})
+        note = applied.note(str(spec))
+        note["masked_calls"] = 0
 
         def forward(*args, **kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
