@@ -370,6 +370,7 @@ class Run:
         finally:
             self._release(engine, "reference")
         done = [p for p in prompts if p.id in ref_traces]
+        truth_traces = self._run_truth(done, ref_traces, model_dir, meta) if self.recipe.truth is not None and done else {}
         if done:
             engine = self._load(engines["candidate"], "candidate", model_dir, all_prompts, fault, index)
             meta["sides"]["candidate"] = engine.describe()
@@ -387,7 +388,8 @@ class Run:
                     forced.save(self.out / "traces", f"{p.id}.candidate.forced")
                     free.save(self.out / "traces", f"{p.id}.candidate.free")
                     write_wav(self.out / "audio" / f"{p.id}.candidate.wav", wav, sr)
-                    self._finish_prompt(p, ref, forced, free, {"reference_s": ref.meta["seconds"], "forced_s": t1 - t0, "free_s": t2 - t1})
+                    self._finish_prompt(p, ref, forced, free, {"reference_s": ref.meta["seconds"], "forced_s": t1 - t0, "free_s": t2 - t1},
+                                        truth_traces.pop(p.id, None))
                     self.progress("candidate", i + 1, len(done))
             finally:
                 self._release(engine, "candidate")
@@ -422,10 +424,26 @@ class Run:
         gc.collect()
         self.peak[role] = peak_memory(device)
 
-    def _finish_prompt(self, p: Prompt, ref: Trace, forced: Trace, free: Trace, timing: dict) -> None:
+    def _run_truth(self, prompts: list[Prompt], ref_traces: dict[str, Trace], model_dir, meta: dict) -> dict[str, Trace]:
+        """The recipe's optional [truth] side, teacher-forced on the reference's codes like the candidate."""
+        engine = make_engine(self.recipe.truth, model_dir)
+        engine.load()
+        meta["sides"]["truth"] = engine.describe()
+        traces: dict[str, Trace] = {}
+        try:
+            for p in prompts:
+                traces[p.id] = engine.run(p, self.recipe.decoding, force=ref_traces[p.id])
+                traces[p.id].save(self.out / "traces", f"{p.id}.truth")
+        finally:
+            self._release(engine, "truth")
+        return traces
+
+    def _finish_prompt(self, p: Prompt, ref: Trace, forced: Trace, free: Trace, timing: dict, truth: Trace | None = None) -> None:
         points = compare.point_frame(forced, ref, self.tol)
         points.drop(columns=["finite"]).to_csv(self.out / "points" / f"{p.id}.csv.gz", index=False)
         comparison = compare.summarize(points, forced, ref, free, self.tol)
+        if truth is not None:  # which side is further from the truth: "different" vs "worse"
+            comparison["truth"] = compare.compare_truth(forced, ref, truth, self.tol)
         # compare.py flags NaN/inf on the candidate's hidden states; the reference's and both
         # waveforms are checked here, and the no_nonfinite gate covers them too.
         comparison["first_nonfinite_reference"] = first_nonfinite_point(ref)
