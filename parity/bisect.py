@@ -225,8 +225,9 @@ class Runner:
         return out
 
     def layer_counts(self) -> dict[str, int]:
+        """Decoder layers per component, read from the loaded reference model."""
         engine = self._engine(self.recipe.reference)
-        talker = engine.talker
+        talker = engine.talker if hasattr(engine, "talker") else engine.tts.model.model.talker  # reference / faster
         return {"talker": len(talker.model.layers), "predictor": len(talker.code_predictor.model.layers)}
 
     def close(self) -> None:
@@ -459,6 +460,12 @@ def render(result: dict, console) -> None:
     c = result["counts"]
     if not result.get("factors"):
         console.print(result["verdict"])
+        return
+    if "alone" not in result:  # the candidate does not diverge: no table to fill
+        console.print(f"settings that differ: {', '.join(f['describe'] for f in result['factors'])}", markup=False)
+        console.print(f"candidate: {_text(result['candidate_run'])}; {c['runs']} run (+{c['reference_runs']} reference), "
+                      f"{c['loads']} model loads, {c['seconds']:.1f} s")
+        console.print(f"verdict: {result['verdict']}")
         return
     ref, cand = Side(**{**result["reference"], "variants": tuple(result["reference"]["variants"])}), \
         Side(**{**result["candidate"], "variants": tuple(result["candidate"]["variants"])})
