@@ -3,6 +3,7 @@ then for real on the tiny model (a planted culprit among harmless decoys) and th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -195,3 +196,31 @@ def test_cli_bad_factor_is_exit_2(one_prompt, tmp_path):
     proc = parity_cli("bisect", str(one_prompt), "--factors", "nope", "--out", str(tmp_path / "b"))
     assert proc.returncode == 2
     assert proc.stderr.startswith("parity: error:") and "unknown variant 'nope'; available:" in proc.stderr
+
+
+def test_render_every_kind_of_result():
+    """The console output for a proven culprit (with its layer), no divergence, and nothing to bisect."""
+    from rich.console import Console
+
+    from parity.bisect import render
+
+    def rendered(result: dict) -> str:
+        console = Console(record=True, width=200)
+        render(result, console)
+        return console.export_text()
+
+    frame = {"prompts": ["p0"], "steps": 2, "tolerance": 1e-2, "reference": dataclasses.asdict(REF),
+             "candidate": dataclasses.asdict(CAND8), "held_at_reference": []}
+    search, _ = fake_search(lambda names, layers: "kv_quant=int8" in names and matters_from("talker", 3)(layers))
+    result = {**frame, **search.run()}
+    result["counts"].update(reference_runs=1, loads=2, seconds=1.0)
+    text = rendered(result)
+    assert "verdict: culprit: kv_quant=int8 (proof holds)" in text and "first matters at talker layer 3" in text
+    assert "18 runs" not in text and f"{result['counts']['runs']} runs" in text
+
+    search, _ = fake_search(lambda names, layers: False)
+    result = {**frame, **search.run()}
+    result["counts"].update(reference_runs=1, loads=2, seconds=1.0)
+    assert "no divergence" in rendered(result)
+    assert "nothing to bisect" in rendered({**frame, "factors": [], "verdict": "nothing to bisect: same settings",
+                                            "counts": {"runs": 0}})
