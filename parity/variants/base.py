@@ -174,7 +174,7 @@ class Variant(ABC):
 
     name: str = "?"
     summary: str = ""
-    args: tuple[str, ...] = ()  # allowed ARG values ("" = no arg allowed); empty tuple: any / none
+    args: tuple[str, ...] = ()  # allowed ARG values; empty: checked by the subclass, or no ARG if no default
     default_arg: str | None = None
     per_layer: bool = True  # can be restricted to a layer range (so a layer bisect makes sense)
     outside_layers: bool = False  # a whole-component scope also changes parts outside the decoder layers
@@ -184,7 +184,7 @@ class Variant(ABC):
     def check(self, spec: Spec, engine: str | None = None) -> Spec:
         """Validate a parsed spec for this variant; returns it with the default arg filled in."""
         arg = spec.arg if spec.arg is not None else self.default_arg
-        if self.args and self._arg_ok(arg) is False:
+        if self.args and not self._arg_ok(arg):
             raise BadInput(f"variant '{spec}': argument '{arg}' is not one of {', '.join(self.args)}")
         if not self.args and spec.arg is not None and self.default_arg is None:
             raise BadInput(f"variant '{spec}': {self.name} takes no argument")
