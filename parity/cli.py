@@ -41,6 +41,14 @@ def _recipe(recipe_path, model, sets, max_frames=None, device=None):
     return apply_overrides(recipe, overrides) if overrides else recipe
 
 
+def default_out(recipe_name: str) -> Path:
+    """runs/<recipe>-<time>: the recipe name becomes one safe path component, never a path."""
+    import re
+
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", recipe_name)[:64].lstrip(".") or "run"
+    return Path("runs") / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def _progress_bar():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -48,6 +56,7 @@ def _progress_bar():
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err_console, transient=True, auto_refresh=False,
+        disable=not err_console.is_terminal,  # in CI logs stderr holds only the one-line error, if any
     )
 
 
@@ -64,11 +73,30 @@ def run(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
 ) -> None:
     """Run reference and candidate on every prompt and report where they first diverge."""
+    import signal
+    import threading
+
+    from parity.run import Interrupted
+
+    rec = _recipe(recipe, model, set_, max_frames, device)
+    out = out or default_out(rec.name)
+
+    def on_sigterm(signum, frame):  # CI cancellation: stop like Ctrl-C, keep what finished
+        raise Interrupted("SIGTERM", 143)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal() works only there
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
+    try:
+        _run(prompts, rec, out, force, resume)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _run(prompts: Path, rec, out: Path, force: bool, resume: bool) -> None:
     from parity.report.console import print_summary
     from parity.run import Run
 
-    rec = _recipe(recipe, model, set_, max_frames, device)
-    out = out or Path("runs") / f"{rec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     command = "parity " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with _progress_bar() as bar:
         tasks: dict[str, int] = {}
@@ -79,7 +107,10 @@ def run(
             bar.update(tasks[phase], completed=done)
             bar.refresh()
 
-        summary = Run(prompts, rec, out, command, progress).execute(force=force, resume=resume)
+        try:
+            summary = Run(prompts, rec, out, command, progress).execute(force=force, resume=resume)
+        except KeyboardInterrupt as e:  # typer would swallow it into a bare exit 130
+            raise _Stopped(e) from None
     print_summary(summary, console)
     console.print(f"wrote {out}/summary.json, junit.xml, report.html")
     raise typer.Exit(0 if summary["passed"] else 1)
@@ -129,9 +160,24 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written
         summary = json.loads(summary_path.read_text())
     except json.JSONDecodeError as e:
         raise BadInput(f"'{summary_path}' is not valid JSON (line {e.lineno}); re-run parity run") from None
+    _check_summary(summary, summary_path)
     junit.write(summary, run_dir / "junit.xml")
     html.write(summary, run_dir, run_dir / "report.html")
     console.print(f"wrote {run_dir}/report.html")
+
+
+def _check_summary(summary, path: Path) -> None:
+    """A summary.json is read back from disk: its prompt ids name files under the run directory,
+    so they must be ids parity itself could have written (no path separators, no '..')."""
+    from parity.errors import BadInput
+    from parity.prompts import _ID_RE
+
+    prompts = summary.get("prompts") if isinstance(summary, dict) else None
+    if not isinstance(prompts, list) or not all(isinstance(p, dict) for p in prompts):
+        raise BadInput(f"'{path}' is not a parity summary (no prompt list); re-run parity run")
+    for p in prompts:
+        if not isinstance(p.get("id"), str) or not _ID_RE.fullmatch(p["id"]):
+            raise BadInput(f"'{path}': prompt id {p.get('id')!r} is not a valid id (A-Z a-z 0-9 . _ -); re-run parity run")
 
 
 @app.command()
@@ -154,24 +200,67 @@ def main() -> None:
     try:
         # Without standalone mode click returns (rather than raises) a command's typer.Exit code.
         code = app(standalone_mode=False)
+        if code == 130:  # typer's answer to a KeyboardInterrupt outside a run
+            _interrupted(KeyboardInterrupt())
         sys.exit(code if isinstance(code, int) else 0)
+    except _Stopped as e:
+        _interrupted(e.interrupt)
     except ParityError as e:
-        err_console.print(f"parity: error: {e}", markup=False, highlight=False, soft_wrap=True)
+        message = " ".join(str(e).splitlines())  # the contract: one line on stderr
+        err_console.print(f"parity: error: {message}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        err_console.print("parity: interrupted; finished prompts are saved, rerun with --resume", markup=False)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        _interrupted(e)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors and the like
+    except Exception as e:  # usage errors (typer vendors click: its classes, not click's) and the like
+        usage_errors, aborts = _click_exception_types()
+        if isinstance(e, usage_errors):  # one line, like every bad input
+            ctx = getattr(e, "ctx", None)
+            hint = f"; see parity {ctx.info_name if ctx.parent is not None else ''} --help".replace("  ", " ") if ctx else ""
+            message = " ".join(e.format_message().split())
+            err_console.print(f"parity: error: {message}{hint}", markup=False, highlight=False, soft_wrap=True)
+            sys.exit(2)
+        if isinstance(e, aborts):  # click turns KeyboardInterrupt into Abort
+            cause = e.__cause__ or e.__context__
+            _interrupted(cause if isinstance(cause, KeyboardInterrupt) else KeyboardInterrupt())
+        raise
+
+
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage-error classes, abort classes) of typer's vendored click and of click itself."""
+    usage: list[type] = []
+    aborts: list[type] = [typer.Abort]
+    try:
+        from typer._click.exceptions import ClickException
+
+        usage.append(ClickException)
+    except ImportError:
+        pass
+    try:
         import click
 
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+        usage.append(click.exceptions.ClickException)
+        aborts.append(click.exceptions.Abort)
+    except ImportError:
+        pass
+    return tuple(usage), tuple(aborts)
+
+
+class _Stopped(Exception):
+    """A run stopped by Ctrl-C or SIGTERM (carried past typer, which turns KeyboardInterrupt into exit 130)."""
+
+    def __init__(self, interrupt: KeyboardInterrupt):
+        super().__init__(str(interrupt))
+        self.interrupt = interrupt
+
+
+def _interrupted(e: KeyboardInterrupt) -> None:
+    """Ctrl-C (exit 130) or SIGTERM (143): one line; the run has already written its partial summary."""
+    what = getattr(e, "signal_name", "SIGINT")
+    err_console.print(f"parity: interrupted ({what}); finished prompts are kept, rerun with --resume to continue",
+                      markup=False, highlight=False, soft_wrap=True)
+    sys.exit(getattr(e, "exit_code", 130))
 
 
 if __name__ == "__main__":

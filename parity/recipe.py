@@ -8,6 +8,7 @@ the same dotted names (``candidate.attention=sdpa``) and the same checks.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -20,6 +21,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("eager", "sdpa")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("reference", "faster")
+MAX_STATIC_LEN = 1 << 20  # positions; beyond any TTS prompt + audio, and a typo guard against huge allocations
+MAX_SEED = (1 << 63) - 1
 
 # Relative L2 error above which a point counts as diverged, keyed by the lower-precision side's
 # dtype: a few unit roundoffs (fp32 2^-24, fp16 2^-11, bf16 2^-8), the error of a handful of
@@ -111,29 +114,29 @@ def _check_value(where: str, key: str, value: Any, typ: Any) -> Any:
         return None
     if base == "bool":
         if not isinstance(value, bool):
-            raise BadInput(f"{where}: '{key}' must be true or false, got {value!r}")
+            raise BadInput(f"{where}: {key!r} must be true or false, got {value!r}")
         return value
     if base == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise BadInput(f"{where}: '{key}' must be an integer, got {value!r}")
+            raise BadInput(f"{where}: {key!r} must be an integer, got {value!r}")
         return value
     if base == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise BadInput(f"{where}: '{key}' must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise BadInput(f"{where}: {key!r} must be a finite number, got {value!r}")
         return float(value)
     if base == "str":
         if not isinstance(value, str):
-            raise BadInput(f"{where}: '{key}' must be a string, got {value!r}")
+            raise BadInput(f"{where}: {key!r} must be a string, got {value!r}")
         return value
     if base.startswith("tuple[str"):
         if isinstance(value, str):  # --set candidate.variants=a,b
             value = [v for v in (s.strip() for s in value.split(",")) if v]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise BadInput(f"{where}: '{key}' must be a list of strings, got {value!r}")
+            raise BadInput(f"{where}: {key!r} must be a list of strings, got {value!r}")
         return tuple(value)
     if base.startswith("dict"):
         if not isinstance(value, dict):
-            raise BadInput(f"{where}: '{key}' must be a table")
+            raise BadInput(f"{where}: {key!r} must be a table")
         return value
     raise AssertionError(f"unhandled type {typ}")
 
@@ -141,15 +144,15 @@ def _check_value(where: str, key: str, value: Any, typ: Any) -> Any:
 def _validate_side(where: str, side: Side) -> Side:
     """Range checks on one side; returns it with its variant specs in canonical form."""
     if side.engine not in ENGINES:
-        raise BadInput(f"{where}: unknown engine '{side.engine}'; available: {', '.join(ENGINES)}")
+        raise BadInput(f"{where}: unknown engine {side.engine!r}; available: {', '.join(ENGINES)}")
     if side.dtype not in DTYPES:
-        raise BadInput(f"{where}: dtype '{side.dtype}' is not one of {', '.join(DTYPES)}")
+        raise BadInput(f"{where}: dtype {side.dtype!r} is not one of {', '.join(DTYPES)}")
     if side.attention not in ATTENTIONS:
-        raise BadInput(f"{where}: attention '{side.attention}' is not one of {', '.join(ATTENTIONS)}")
+        raise BadInput(f"{where}: attention {side.attention!r} is not one of {', '.join(ATTENTIONS)}")
     if side.device not in DEVICES:
-        raise BadInput(f"{where}: device '{side.device}' is not one of {', '.join(DEVICES)}")
-    if side.cache != "dynamic" and not re.fullmatch(r"static:[1-9][0-9]*", side.cache):
-        raise BadInput(f"{where}: cache '{side.cache}' must be 'dynamic' or 'static:N' with N > 0 (e.g. static:2048)")
+        raise BadInput(f"{where}: device {side.device!r} is not one of {', '.join(DEVICES)}")
+    if side.cache != "dynamic" and not (re.fullmatch(r"static:[1-9][0-9]{0,6}", side.cache) and side.static_len <= MAX_STATIC_LEN):
+        raise BadInput(f"{where}: cache {side.cache!r} must be 'dynamic' or 'static:N' with 0 < N <= {MAX_STATIC_LEN} (e.g. static:2048)")
     if not side.variants:
         return side
     from parity.variants import parse_all
@@ -169,7 +172,11 @@ def validate(recipe: Recipe, where: str) -> Recipe:
         candidate=_validate_side(f"{where} [candidate]", recipe.candidate),
         truth=None if recipe.truth is None else _validate_side(f"{where} [truth]", recipe.truth),
     )
+    if not 0 <= recipe.model_seed <= MAX_SEED:
+        raise BadInput(f"{where}: model_seed must be between 0 and 2**63-1, got {recipe.model_seed}")
     d = recipe.decoding
+    if not 0 <= d.seed <= MAX_SEED:
+        raise BadInput(f"{where} [decoding]: seed must be between 0 and 2**63-1, got {d.seed}")
     if not 1 <= d.max_frames <= 100000:
         raise BadInput(f"{where} [decoding]: max_frames must be between 1 and 100000, got {d.max_frames}")
     if d.temperature <= 0:
@@ -182,8 +189,8 @@ def validate(recipe: Recipe, where: str) -> Recipe:
         raise BadInput(f"{where} [decoding]: repetition_penalty must be > 0, got {d.repetition_penalty}")
     for dtype, tol in recipe.tolerances.items():
         if dtype not in DTYPES:
-            raise BadInput(f"{where} [tolerances]: unknown dtype '{dtype}'; use {', '.join(DTYPES)}")
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 10:
+            raise BadInput(f"{where} [tolerances]: unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 10:  # NaN fails too
             raise BadInput(f"{where} [tolerances]: {dtype} must be a number in (0, 10), got {tol!r}")
     g = recipe.gates
     if g.min_token_agreement is not None and not 0 <= g.min_token_agreement <= 1:
@@ -201,7 +208,7 @@ def from_dict(data: dict, where: str) -> Recipe:
             recipe = replace(recipe, **{key: _check_value(where, key, value, _TOP[key].__name__)})
         elif key in _SECTIONS:
             if not isinstance(value, dict):
-                raise BadInput(f"{where}: '{key}' must be a table ([{key}])")
+                raise BadInput(f"{where}: {key!r} must be a table ([{key}])")
             recipe = _apply_section(recipe, key, value, where)
         elif key == "tolerances":
             if not isinstance(value, dict):
@@ -209,7 +216,7 @@ def from_dict(data: dict, where: str) -> Recipe:
             recipe = replace(recipe, tolerances={**recipe.tolerances, **value})
         else:
             allowed = ", ".join([*_TOP, *_SECTIONS, "tolerances"])
-            raise BadInput(f"{where}: unknown key '{key}'; allowed: {allowed}")
+            raise BadInput(f"{where}: unknown key {key!r}; allowed: {allowed}")
     return validate(recipe, where)
 
 
@@ -221,7 +228,7 @@ def _apply_section(recipe: Recipe, section: str, values: dict, where: str) -> Re
     changes = {}
     for key, value in values.items():
         if key not in types:
-            raise BadInput(f"{where} [{section}]: unknown key '{key}'; allowed: {', '.join(types)}")
+            raise BadInput(f"{where} [{section}]: unknown key {key!r}; allowed: {', '.join(types)}")
         changes[key] = _check_value(f"{where} [{section}]", key, value, types[key])
     return replace(recipe, **{section: replace(current, **changes)})
 
@@ -242,11 +249,23 @@ def load_recipe(path: str | Path | None) -> Recipe:
     if not path.is_file():
         raise BadInput(f"recipe '{path}' does not exist or is not a file; see recipes/ for examples")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise BadInput(f"recipe '{path}' is not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as e:
-        raise BadInput(f"recipe '{path}': TOML syntax error: {e}") from None
+        raise BadInput(f"recipe '{path}' is not UTF-8 text; re-save it as UTF-8") from None
+    except OSError as e:
+        raise BadInput(f"recipe '{path}' cannot be read ({e.strerror}); check its permissions") from None
+    return parse_recipe_text(text, path)
+
+
+def parse_recipe_text(text: str, path: str | Path = "recipe.toml") -> Recipe:
+    """Parse recipe TOML text: a Recipe, or BadInput naming the file and the line or key."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:  # the message ends with "(at line N, column M)"
+        raise BadInput(f"recipe '{path}': TOML syntax error: {e}; fix the TOML at that line") from None
+    except RecursionError:
+        raise BadInput(f"recipe '{path}': TOML nested too deeply; a recipe needs only flat [section] tables") from None
     data.setdefault("name", path.stem)
     return from_dict(data, f"recipe '{path}'")
 
@@ -254,7 +273,7 @@ def load_recipe(path: str | Path | None) -> Recipe:
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``section.key=value`` with a TOML value (bare words are taken as strings)."""
     if "=" not in text:
-        raise BadInput(f"--set '{text}' must look like section.key=value (e.g. candidate.attention=sdpa)")
+        raise BadInput(f"--set {text!r} must look like section.key=value (e.g. candidate.attention=sdpa)")
     key, raw = (s.strip() for s in text.split("=", 1))
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
@@ -273,20 +292,22 @@ def apply_overrides(recipe: Recipe, overrides: list[tuple[str, Any]]) -> Recipe:
         elif len(parts) == 2:
             data.setdefault(parts[0], {})
             if not isinstance(data[parts[0]], dict):
-                raise BadInput(f"--set '{key}': '{parts[0]}' is not a section")
+                raise BadInput(f"--set {key!r}: {parts[0]!r} is not a section")
             data[parts[0]][parts[1]] = value
         else:
-            raise BadInput(f"--set '{key}': use section.key (one dot)")
+            raise BadInput(f"--set {key!r}: use section.key (one dot)")
     merged = recipe
     for key, value in data.items():
         if key in _TOP:
             merged = replace(merged, **{key: _check_value("--set", key, value, _TOP[key].__name__)})
         elif key in _SECTIONS:
             if not isinstance(value, dict):
-                raise BadInput(f"--set '{key}': give a key inside it, e.g. {key}.dtype=...")
+                raise BadInput(f"--set {key!r}: give a key inside it, e.g. {key}.dtype=...")
             merged = _apply_section(merged, key, value, "--set")
         elif key == "tolerances":
+            if not isinstance(value, dict):
+                raise BadInput("--set 'tolerances': give a dtype inside it, e.g. tolerances.bfloat16=1e-2")
             merged = replace(merged, tolerances={**merged.tolerances, **value})
         else:
-            raise BadInput(f"--set: unknown key '{key}'; allowed: {', '.join([*_TOP, *_SECTIONS, 'tolerances'])}")
+            raise BadInput(f"--set: unknown key {key!r}; allowed: {', '.join([*_TOP, *_SECTIONS, 'tolerances'])}")
     return validate(merged, "--set")

@@ -241,6 +241,7 @@ class FaultInjector:
         trace = self._engine.run(prompt, decoding, force=force, record=record)
         if self._armed and self._kind == "nan" and trace.talker_hidden.numel():
             s = min(1, trace.n_steps - 1)
+            trace.talker_hidden, trace.talker_logits = trace.talker_hidden.clone(), trace.talker_logits.clone()
             trace.talker_hidden[s, 2:] = float("nan")  # from the second decoder layer's output on
             trace.talker_logits[s] = float("nan")
         return trace
@@ -357,8 +358,8 @@ class Run:
                     trace = engine.run(p, self.recipe.decoding)
                     trace.meta["seconds"] = time.perf_counter() - t0
                     wav, sr = engine.decode_audio(trace.codes)
-                except BadInput:
-                    raise
+                except BadInput as e:
+                    raise self._at(p, e) from None
                 except Exception as e:  # finish the prompts before it on the candidate side, then fail
                     ref_failure = e
                     break
@@ -379,9 +380,12 @@ class Run:
                 for i, p in enumerate(done):
                     ref = ref_traces.pop(p.id)
                     t0 = time.perf_counter()
-                    forced = engine.run(p, self.recipe.decoding, force=ref)
-                    t1 = time.perf_counter()
-                    free = engine.run(p, self.recipe.decoding, record=False)
+                    try:
+                        forced = engine.run(p, self.recipe.decoding, force=ref)
+                        t1 = time.perf_counter()
+                        free = engine.run(p, self.recipe.decoding, record=False)
+                    except BadInput as e:
+                        raise self._at(p, e) from None
                     t2 = time.perf_counter()
                     wav, sr = engine.decode_audio(free.codes)
                     free.meta["audio_nonfinite"] = first_nonfinite_sample(wav, sr)
@@ -396,6 +400,11 @@ class Run:
         if ref_failure is not None:
             raise ref_failure
 
+    def _at(self, p: Prompt, e: BadInput) -> BadInput:
+        """A mid-run BadInput from an engine, with the prompt it is about."""
+        where = f"{self.prompts_path}:{p.line}: prompt {p.id}"
+        return e if str(e).startswith(str(self.prompts_path)) else BadInput(f"{where}: {e}")
+
     def _load(self, engine: Engine, role: str, model_dir, prompts: list[Prompt], fault, index: dict[str, int]) -> Engine:
         """Load one side; a checkpoint that does not load is bad input (exit 2), OOM is exit 3."""
         device = str(getattr(engine, "device", "cpu"))
@@ -403,10 +412,9 @@ class Run:
             torch.cuda.reset_peak_memory_stats()
         try:
             engine.load()
-        except (BadInput, KeyboardInterrupt, torch.OutOfMemoryError, MemoryError):
-            raise
-        except Exception as e:
-            if not _is_checkpoint_error(e):
+        except BaseException as e:
+            engine.close()  # free whatever a half-done load allocated
+            if isinstance(e, (BadInput, KeyboardInterrupt, torch.OutOfMemoryError, MemoryError)) or not _is_checkpoint_error(e):
                 raise
             raise BadInput(f"[{role}] model '{self.recipe.model}' does not load ({_one_line(e)}); "
                            "check the checkpoint (parity run --model DIR|HUB_ID|random:tiny)") from None
