@@ -108,3 +108,19 @@ def test_variants_apply_to_the_faster_engine(tiny_dir, prompt, reference_trace):
     first = compare.summarize(points, forced, reference_trace, None, 1e-5)["first_divergence"]
     # The error enters in the talker (int8 K/V is far above fp32 noise), not the predictor.
     assert first["component"] == "talker" and first["rel_l2"] > 1e-4
+
+
+def test_two_engines_in_one_process_do_not_share_forcing(tiny_dir, prompt, reference_trace):
+    """bisect keeps several engines loaded: one engine's forcing must not leak into another's."""
+    import faster_qwen3_tts.predictor_graph as pg_mod
+
+    original = pg_mod.sample_logits
+    first = _faster(tiny_dir, allow_cpu=True, cuda_graphs=False)
+    first.run(prompt, Decoding(max_frames=FRAMES), force=reference_trace)  # leaves forcing state behind
+    second = _faster(tiny_dir, allow_cpu=True, cuda_graphs=False)
+    free = second.run(prompt, Decoding(max_frames=FRAMES))
+    assert pg_mod.sample_logits is original  # nothing left patched between runs
+    assert torch.equal(free.codes, reference_trace.codes)
+    assert torch.equal(free.pred_choice, free.codes[:, 1:])  # own choices are its own
+    first.close()
+    second.close()

@@ -193,7 +193,6 @@ class FasterEngine(Engine):
         self.with_taps = record
         self.tts = None
         self.taps: GraphTaps | None = None
-        self._patches: list[tuple[object, str, object]] = []
         self._captured_for: tuple | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -220,18 +219,24 @@ class FasterEngine(Engine):
             self.taps.attach()
         import faster_qwen3_tts.predictor_graph as pg_mod
 
-        # Must be in place before capture: the wrapper's buffers become part of the graph.
+        # Installed only while this engine captures or runs (see _sampler_installed), so several
+        # engines in one process never wrap each other's samplers.
         self.pred_sampler = ForcingSampler(pg_mod.sample_logits, NUM_SUB_STEPS, self.device)
-        self._patch(pg_mod, "sample_logits", self.pred_sampler)
 
-    def _patch(self, obj, attr: str, value) -> None:
-        self._patches.append((obj, attr, getattr(obj, attr)))
-        setattr(obj, attr, value)
+    @contextlib.contextmanager
+    def _sampler_installed(self):
+        """The predictor graph calls the module-level ``sample_logits``: point it at our forcing
+        wrapper while capturing (the graph then holds our buffers) and while running eagerly."""
+        import faster_qwen3_tts.predictor_graph as pg_mod
+
+        previous = pg_mod.sample_logits
+        pg_mod.sample_logits = self.pred_sampler
+        try:
+            yield
+        finally:
+            pg_mod.sample_logits = previous
 
     def close(self) -> None:
-        for obj, attr, old in reversed(self._patches):
-            setattr(obj, attr, old)
-        self._patches.clear()
         if self.taps is not None:
             self.taps.detach()
         if getattr(self, "applied", None) is not None:
@@ -262,7 +267,7 @@ class FasterEngine(Engine):
         if self.taps is not None:
             self.taps.sub = 0
         self.pred_sampler.index = 0
-        with _cpu_sync_shim(self.device):
+        with _cpu_sync_shim(self.device), self._sampler_installed():
             if self.cuda_graphs:
                 self.tts._warmed_up = False  # _prepare set it to keep the engine from capturing early
                 self.tts.warmup(prefill_len)
@@ -296,7 +301,7 @@ class FasterEngine(Engine):
         record = record and self.taps is not None
         steps = _StepRecorder(self, record, force)
         max_frames = force.n_frames if force is not None else decoding.max_frames
-        with steps.installed(), tf32_mode(self.side.tf32), _cpu_sync_shim(self.device):
+        with steps.installed(), self._sampler_installed(), tf32_mode(self.side.tf32), _cpu_sync_shim(self.device):
             codec_ids, timing = fast_generate(
                 talker=talker, talker_input_embeds=tie, attention_mask=tam, trailing_text_hiddens=tth,
                 tts_pad_embed=tpe, config=config, predictor_graph=self.tts.predictor_graph,
