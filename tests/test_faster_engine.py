@@ -124,3 +124,19 @@ def test_two_engines_in_one_process_do_not_share_forcing(tiny_dir, prompt, refer
     assert torch.equal(free.pred_choice, free.codes[:, 1:])  # own choices are its own
     first.close()
     second.close()
+
+
+def test_prompt_without_speaker_gets_the_same_voice_on_both_sides(tiny_dir, reference_trace):
+    """Both adapters must pick the same default speaker, or the prefills differ from layer 0."""
+    from parity.prompts import Prompt
+
+    bare = Prompt(id="bare", text="Hello world, this is a test.", line=1)
+    ref = ReferenceEngine(Side(dtype="float32"), tiny_dir)
+    ref.load()
+    ref_trace = ref.run(bare, Decoding(max_frames=2))
+    engine = _faster(tiny_dir, allow_cpu=True, cuda_graphs=False)
+    forced = engine.run(bare, Decoding(max_frames=2), force=ref_trace)
+    engine.close()
+    points = compare.point_frame(forced, ref_trace, tol=1e-5)
+    prefill = points[(points.component == "talker") & (points.step == 0)]
+    assert prefill["rel_l2"].max() < 1e-5

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from parity.engines.base import Engine
-from parity.engines.reference import TORCH_DTYPES, import_qwen_tts, tf32_mode
+from parity.engines.reference import TORCH_DTYPES, default_speaker, import_qwen_tts, tf32_mode
 from parity.errors import BadInput
 from parity.prompts import Prompt
 from parity.recipe import Decoding, Side
@@ -252,8 +252,7 @@ class FasterEngine(Engine):
 
     # -- preparation -------------------------------------------------------------------
     def _speaker(self, prompt: Prompt) -> str | None:
-        speakers = list(self.tts.model.get_supported_speakers() or [])
-        return prompt.speaker or (speakers[0] if speakers else None)
+        return prompt.speaker or default_speaker(self.tts.model)
 
     def _ensure_captured(self, decoding: Decoding, prefill_len: int) -> None:
         """Sampling settings are baked into the predictor graph: set them, then capture once."""

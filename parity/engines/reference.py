@@ -73,6 +73,14 @@ def import_qwen_tts():
     return sys.modules["qwen_tts"]
 
 
+def default_speaker(wrapper) -> str | None:
+    """The speaker a prompt without one gets: the first of the package's sorted speaker list.
+    Every engine adapter must use this one rule, or the two sides synthesise different voices
+    (seen on the GPU: a prefill that differed from layer 0 on, for prompts without a speaker)."""
+    speakers = wrapper.get_supported_speakers() or []
+    return speakers[0] if speakers else None
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -187,8 +195,7 @@ class ReferenceEngine(Engine):
         kind = w.model.tts_model_type
         language = prompt.language or "auto"
         if kind == "custom_voice":
-            speakers = list(w.model.get_supported_speakers() or [])
-            speaker = prompt.speaker or (speakers[0] if speakers else None)
+            speaker = prompt.speaker or default_speaker(w)
             return w.generate_custom_voice(
                 prompt.text, speaker=speaker, language=language, instruct=prompt.instruct, **gen_kwargs
             )
