@@ -27,7 +27,7 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directo
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: section.key=value (repeatable).")]
 
 
-def _recipe(recipe_path, model, sets, max_frames=None, device=None):
+def _recipe(recipe_path, model, sets, max_frames=None, device=None, mos=None, utmos_checkpoint=None):
     from parity.recipe import apply_overrides, load_recipe, parse_override
 
     recipe = load_recipe(recipe_path)
@@ -38,6 +38,10 @@ def _recipe(recipe_path, model, sets, max_frames=None, device=None):
         overrides.append(("decoding.max_frames", max_frames))
     if device:
         overrides += [("reference.device", device), ("candidate.device", device)]
+    if mos is not None:  # "" or "none" switches scoring off
+        overrides.append(("mos.scorers", "" if mos.lower() == "none" else mos))
+    if utmos_checkpoint:
+        overrides.append(("mos.utmos_checkpoint", utmos_checkpoint))
     return apply_overrides(recipe, overrides) if overrides else recipe
 
 
@@ -71,6 +75,8 @@ def run(
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda for both sides.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty --out.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
+    mos: Annotated[Optional[str], typer.Option("--mos", help="Scorers for both sides' audio: dnsmos, utmos, dnsmos,utmos or none.")] = None,
+    utmos_checkpoint: Annotated[Optional[str], typer.Option("--utmos-checkpoint", help="Local UTMOS22-strong checkpoint (file or SpeechMOS clone).")] = None,
 ) -> None:
     """Run reference and candidate on every prompt and report where they first diverge."""
     import signal
@@ -78,7 +84,7 @@ def run(
 
     from parity.run import Interrupted
 
-    rec = _recipe(recipe, model, set_, max_frames, device)
+    rec = _recipe(recipe, model, set_, max_frames, device, mos, utmos_checkpoint)
     out = out or default_out(rec.name)
 
     def on_sigterm(signum, frame):  # CI cancellation: stop like Ctrl-C, keep what finished

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from parity.recipe import Gates
+from parity.recipe import Gates, Mos
 
 
 @dataclass
@@ -16,9 +16,15 @@ class GateResult:
     detail: str
 
 
-def evaluate(gates: Gates, comparison: dict) -> list[GateResult]:
-    """Evaluate the recipe's gates on one prompt's comparison summary."""
+def evaluate(gates: Gates, comparison: dict, mos: Mos | None = None, mos_result: dict | None = None) -> list[GateResult]:
+    """Evaluate the recipe's gates on one prompt's comparison summary (and its MOS, if gated)."""
     results = []
+    if mos is not None and (mos.min_mean_delta is not None or mos.min_worst_delta is not None):
+        from parity.mos import check_gate
+
+        stats = ((mos_result or {}).get("by_scorer", {}).get(mos.scorers[0]) or {}).get("stats", {})
+        passed, detail = check_gate(stats, mos.min_mean_delta, mos.min_worst_delta)
+        results.append(GateResult("mos_delta", passed, f"{mos.scorers[0]}: {detail}"))
     if gates.no_nonfinite:
         bad = comparison.get("first_nonfinite")
         results.append(GateResult(

@@ -373,6 +373,7 @@ def load_utmos(checkpoint: str | os.PathLike | None = None, device: str = "cpu")
 
 
 _FACTORIES: dict[str, Callable[..., Scorer]] = {"dnsmos": DnsmosScorer, "utmos": load_utmos}
+SCORER_NAMES = tuple(_FACTORIES)
 
 
 def get_scorer(name: str, **options) -> Scorer:

@@ -77,6 +77,20 @@ class Gates:
 
 
 @dataclass(frozen=True)
+class Mos:
+    """Audio quality of both sides' free-running audio (DNSMOS by default, UTMOS from a local
+    checkpoint). With seeded sampling each side runs ``seeds`` times (seeds decoding.seed + k)
+    and the gates apply to the paired deltas (candidate - reference) of the first scorer."""
+
+    scorers: tuple[str, ...] = ("dnsmos",)
+    seeds: int = 1
+    utmos_checkpoint: str | None = None
+    min_mean_delta: float | None = None  # gate: mean MOS delta must be at least this (e.g. -0.1)
+    min_worst_delta: float | None = None  # gate: every seed's delta must be at least this
+    audible_db: float = 6.0  # log-mel distance (dB) from which a segment counts as audibly different
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A whole run configuration."""
 
@@ -88,6 +102,7 @@ class Recipe:
     decoding: Decoding = field(default_factory=Decoding)
     tolerances: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
     gates: Gates = field(default_factory=Gates)
+    mos: Mos = field(default_factory=Mos)
     # Optional third side to judge both against (e.g. the reference in fp32, TF32 off): tells a
     # candidate that is merely different from one that is further from the truth.
     truth: Side | None = None
@@ -102,13 +117,13 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"reference": Side, "candidate": Side, "truth": Side, "decoding": Decoding, "gates": Gates}
+_SECTIONS = {"reference": Side, "candidate": Side, "truth": Side, "decoding": Decoding, "gates": Gates, "mos": Mos}
 _TOP = {"name": str, "model": str, "model_seed": int}
 
 
 def _check_value(where: str, key: str, value: Any, typ: Any) -> Any:
     """Type- and range-check one value; return it converted (ints accepted for floats)."""
-    optional = typ in ("float | None", "int | None", "bool | None")
+    optional = typ in ("float | None", "int | None", "bool | None", "str | None")
     base = typ.replace(" | None", "") if isinstance(typ, str) else typ.__name__
     if value is None and optional:
         return None
@@ -197,6 +212,18 @@ def validate(recipe: Recipe, where: str) -> Recipe:
         raise BadInput(f"{where} [gates]: min_token_agreement must be in [0, 1], got {g.min_token_agreement}")
     if g.max_rel_l2 is not None and g.max_rel_l2 <= 0:
         raise BadInput(f"{where} [gates]: max_rel_l2 must be > 0, got {g.max_rel_l2}")
+    m = recipe.mos
+    from parity.mos import SCORER_NAMES
+
+    for name in m.scorers:
+        if name not in SCORER_NAMES:
+            raise BadInput(f"{where} [mos]: unknown scorer {name!r}; available: {', '.join(SCORER_NAMES)}")
+    if not 1 <= m.seeds <= 100:
+        raise BadInput(f"{where} [mos]: seeds must be between 1 and 100, got {m.seeds}")
+    if not m.scorers and (m.min_mean_delta is not None or m.min_worst_delta is not None):
+        raise BadInput(f"{where} [mos]: a MOS gate needs at least one scorer in 'scorers'")
+    if not 0 < m.audible_db < 100:
+        raise BadInput(f"{where} [mos]: audible_db must be in (0, 100), got {m.audible_db}")
     return recipe
 
 
@@ -237,6 +264,7 @@ def default_recipe() -> Recipe:
     """The built-in default: the same settings as recipes/smoke.toml (works without the repo)."""
     return Recipe(
         name="smoke",
+        tolerances={**DEFAULT_TOLERANCES, "bfloat16": 5e-3},
         gates=Gates(hidden_within_tolerance=False, max_rel_l2=0.1, no_nonfinite=True),
     )
 

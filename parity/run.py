@@ -22,14 +22,14 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from parity import compare, gates as gates_mod
+from parity import compare, gates as gates_mod, scoring
 from parity.engines.base import Engine, make_engine
 from parity.env import fingerprint
 from parity.errors import BadInput, EngineFailure
@@ -301,6 +301,8 @@ class Run:
         if previous is not None:
             check_resumable(previous, meta, self.out)
         self._checked = preflight(prompts, self.recipe, model_dir, self.prompts_path)
+        # Scorers load before any engine, so a missing UTMOS checkpoint is refused up front.
+        self.scorers = scoring.load_scorers(self.recipe.mos.scorers, self.recipe.mos.utmos_checkpoint)
         engines = {role: self._make(getattr(self.recipe, role), model_dir, role) for role in ("reference", "candidate")}
         prepare_out_dir(self.out, force, resume)
         todo = [p for p in prompts if not (resume and self._finished(p))]
@@ -348,6 +350,7 @@ class Run:
             return
         index = {p.id: i for i, p in enumerate(all_prompts)}
         ref_traces: dict[str, Trace] = {}
+        ref_audio: dict[str, list[tuple[np.ndarray, int]]] = {}
         ref_failure: Exception | None = None
         engine = self._load(engines["reference"], "reference", model_dir, all_prompts, fault, index)
         meta["sides"]["reference"] = engine.describe()
@@ -358,6 +361,7 @@ class Run:
                     trace = engine.run(p, self.recipe.decoding)
                     trace.meta["seconds"] = time.perf_counter() - t0
                     wav, sr = engine.decode_audio(trace.codes)
+                    ref_audio[p.id] = [(wav, sr)] + self._extra_seeds(engine, p, "reference")
                 except BadInput as e:
                     raise self._at(p, e) from None
                 except Exception as e:  # finish the prompts before it on the candidate side, then fail
@@ -388,17 +392,32 @@ class Run:
                         raise self._at(p, e) from None
                     t2 = time.perf_counter()
                     wav, sr = engine.decode_audio(free.codes)
+                    cand_audio = [(wav, sr)] + self._extra_seeds(engine, p, "candidate")
                     free.meta["audio_nonfinite"] = first_nonfinite_sample(wav, sr)
                     forced.save(self.out / "traces", f"{p.id}.candidate.forced")
                     free.save(self.out / "traces", f"{p.id}.candidate.free")
                     write_wav(self.out / "audio" / f"{p.id}.candidate.wav", wav, sr)
                     self._finish_prompt(p, ref, forced, free, {"reference_s": ref.meta["seconds"], "forced_s": t1 - t0, "free_s": t2 - t1},
-                                        truth_traces.pop(p.id, None))
+                                        truth_traces.pop(p.id, None), ref_audio.pop(p.id), cand_audio)
                     self.progress("candidate", i + 1, len(done))
             finally:
                 self._release(engine, "candidate")
         if ref_failure is not None:
             raise ref_failure
+
+    def _extra_seeds(self, engine: Engine, p: Prompt, role: str) -> list[tuple[np.ndarray, int]]:
+        """Free-running audio for seeds decoding.seed + 1 .. + (mos.seeds - 1), when sampling
+        (greedy decoding gives the same audio for every seed). Each WAV is kept under audio/."""
+        decoding = self.recipe.decoding
+        if not decoding.do_sample:
+            return []
+        clips = []
+        for k in range(1, self.recipe.mos.seeds):
+            trace = engine.run(p, replace(decoding, seed=decoding.seed + k), record=False)
+            wav, sr = engine.decode_audio(trace.codes)
+            write_wav(self.out / "audio" / f"{p.id}.{role}.seed{k}.wav", wav, sr)
+            clips.append((wav, sr))
+        return clips
 
     def _at(self, p: Prompt, e: BadInput) -> BadInput:
         """A mid-run BadInput from an engine, with the prompt it is about."""
@@ -446,7 +465,9 @@ class Run:
             self._release(engine, "truth")
         return traces
 
-    def _finish_prompt(self, p: Prompt, ref: Trace, forced: Trace, free: Trace, timing: dict, truth: Trace | None = None) -> None:
+    def _finish_prompt(self, p: Prompt, ref: Trace, forced: Trace, free: Trace, timing: dict, truth: Trace | None = None,
+                       ref_audio: list[tuple[np.ndarray, int]] | None = None,
+                       cand_audio: list[tuple[np.ndarray, int]] | None = None) -> None:
         points = compare.point_frame(forced, ref, self.tol)
         points.drop(columns=["finite"]).to_csv(self.out / "points" / f"{p.id}.csv.gz", index=False)
         comparison = compare.summarize(points, forced, ref, free, self.tol)
@@ -456,7 +477,11 @@ class Run:
         # waveforms are checked here, and the no_nonfinite gate covers them too.
         comparison["first_nonfinite_reference"] = first_nonfinite_point(ref)
         comparison["nonfinite_audio"] = {"reference": ref.meta.get("audio_nonfinite"), "candidate": free.meta.get("audio_nonfinite")}
-        gate_results = gates_mod.evaluate(self.recipe.gates, comparison)
+        mos_result = scoring.score_pairs(getattr(self, "scorers", {}), ref_audio or [], cand_audio or [])
+        audio_timing = {}
+        if ref_audio and cand_audio:
+            audio_timing = scoring.audio_timing(ref_audio[0][0], cand_audio[0][0], ref_audio[0][1], comparison, self.recipe.mos.audible_db)
+        gate_results = gates_mod.evaluate(self.recipe.gates, comparison, self.recipe.mos, mos_result)
         extra = [f"reference {gates_mod.where(comparison['first_nonfinite_reference'])}"] if comparison["first_nonfinite_reference"] else []
         extra += [f"{side} audio at {bad['seconds']} s" for side, bad in comparison["nonfinite_audio"].items() if bad]
         for g in gate_results:
@@ -470,6 +495,8 @@ class Run:
             "audio": {"reference": f"audio/{p.id}.reference.wav", "candidate": f"audio/{p.id}.candidate.wav"},
             # Codebook-0 sequences (free-running), small enough to keep for token timelines.
             "codebook0": {"reference": ref.codes[:, 0].tolist(), "candidate": free.codes[:, 0].tolist()},
+            "mos": mos_result,
+            **audio_timing,
         }
         write_json(self.out / "results" / f"{p.id}.json", result)
 

@@ -100,3 +100,34 @@ def test_report_rerenders(smoke_run):
     (out / "report.html").unlink()
     proc = parity("report", str(out))
     assert proc.returncode == 0 and (out / "report.html").is_file()
+
+
+def test_smoke_scores_both_sides_audio(smoke_run):
+    _, out = smoke_run
+    summary = json.loads((out / "summary.json").read_text())
+    for p in summary["prompts"]:
+        mos = p["mos"]
+        assert mos["scorer"] == "dnsmos" and mos["seeds"] == 1
+        assert 1.0 <= mos["reference"] <= 5.0 and 1.0 <= mos["candidate"] <= 5.0
+        assert mos["delta"] == pytest.approx(mos["candidate"] - mos["reference"])
+        assert "audible_from_s" in p and "first_divergence_s" in p
+
+
+def test_mos_gate_fails_the_run(tmp_path, tiny_dir):
+    out = tmp_path / "mosgate"
+    # No candidate can beat its reference by a full MOS point on identical settings.
+    proc = parity("run", "recipes/prompts/smoke.txt", "--out", str(out), "--max-frames", "12",
+                  "--set", "candidate.dtype=float32", "--set", "mos.min_mean_delta=1.0")
+    assert proc.returncode == 1, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    gates = [g for p in summary["prompts"] for g in p["gates"] if g["name"] == "mos_delta"]
+    assert len(gates) == 3 and not any(g["passed"] for g in gates)
+
+
+def test_utmos_without_checkpoint_is_refused_before_running(tmp_path):
+    env_free = {k: v for k, v in os.environ.items() if k != "PARITY_UTMOS_CHECKPOINT"}
+    proc = subprocess.run([sys.executable, "-m", "parity.cli", "run", "recipes/prompts/smoke.txt", "--out", str(tmp_path / "u"),
+                           "--mos", "utmos"], capture_output=True, text=True, cwd=REPO, env=env_free, timeout=300)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "PARITY_UTMOS_CHECKPOINT" in proc.stderr
+    assert not (tmp_path / "u" / "traces").exists()  # refused before any engine ran
