@@ -131,3 +131,15 @@ def test_utmos_without_checkpoint_is_refused_before_running(tmp_path):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "PARITY_UTMOS_CHECKPOINT" in proc.stderr
     assert not (tmp_path / "u" / "traces").exists()  # refused before any engine ran
+
+
+def test_bisect_into_a_run_dir_shows_in_its_report(smoke_run):
+    """`parity bisect --out RUN_DIR` then `parity report RUN_DIR`: the bisect table is in the report."""
+    _, out = smoke_run
+    proc = parity("bisect", "recipes/prompts/smoke.txt", "--recipe", "recipes/bisect-smoke.toml", "--steps", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "kv_quant=int8@talker" in json.loads((out / "bisect.json").read_text())["bisect"]["verdict"]
+    proc = parity("report", str(out))
+    assert proc.returncode == 0
+    html = (out / "report.html").read_text()
+    assert "kv_quant=int8@talker" in html and "proof" in html.lower()

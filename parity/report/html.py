@@ -205,7 +205,7 @@ def _render(summary: dict, run_dir: Path, views: list[dict], embed: dict[str, bo
         prompts=[_with_audio(v, run_dir, embed.get(v["p"]["id"], False)) for v in views],
         has_mos=any(isinstance(p.get("mos"), dict) for p in prompts),
         has_audible=any(p.get("audible_from_s") is not None for p in prompts),
-        bisect=tables(summary.get("bisect")) if summary.get("bisect") else [],
+        bisect=tables(bisect) if (bisect := summary.get("bisect") or rundata.load_bisect(run_dir)) else [],
         colorbar=plots.colorbar(scale),
         scale=scale,
         frame_rate=CODEC_FRAME_RATE,

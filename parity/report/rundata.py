@@ -5,6 +5,8 @@ chosen tokens of each side. Everything here is optional: a missing or unreadable
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,3 +90,12 @@ def audio_info(path: Path) -> tuple[float, int] | None:
         return info.frames / info.samplerate, path.stat().st_size
     except Exception:  # not a readable audio file
         return None
+
+
+def load_bisect(run_dir: Path) -> dict | None:
+    """The result of a ``parity bisect --out RUN_DIR`` next to the run, if there is one."""
+    try:
+        data = json.loads((Path(run_dir) / "bisect.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("bisect") if isinstance(data, dict) else None
