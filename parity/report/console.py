@@ -23,7 +23,7 @@ def print_summary(summary: dict, console: Console) -> None:
     table = Table(
         title=f"parity: {title}",
         caption=f"tolerance rel L2 {summary['tolerance']:g}; first flip: teacher-forced step[.sub-step], "
-        "logit margin Δ, 'tie' = within the logit error",
+        "logit margin Δ, 'tie' = the reference's own margin is within 3x the logit noise",
     )
     for col in ("prompt", "first divergence", "rel L2", "first flip", "agree", "frames", "verdict"):
         table.add_column(col, overflow="fold")
