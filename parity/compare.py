@@ -30,8 +30,10 @@ def _metrics(cand: torch.Tensor, ref: torch.Tensor) -> dict[str, torch.Tensor]:
     cosine = (c * r).sum(-1) / (cand_norm * ref_norm).clamp_min(1e-30)
     sqnr = 20 * torch.log10(ref_norm.clamp_min(1e-30) / err.clamp_min(1e-300))
     sqnr = torch.where(err == 0, torch.full_like(sqnr, math.inf), sqnr)
-    finite = torch.isfinite(c).all(dim=-1)
-    rel = torch.where(finite, rel, torch.full_like(rel, math.inf))
+    finite = torch.isfinite(c).all(dim=-1)  # the candidate's (attributed by first_nonfinite)
+    # A NaN/inf on either side is a divergence, never a NaN error that tolerance checks skip.
+    both_finite = finite & torch.isfinite(r).all(dim=-1)
+    rel = torch.where(both_finite, rel, torch.full_like(rel, math.inf))
     return {"max_abs": diff.abs().amax(dim=-1), "rel_l2": rel, "cosine": cosine, "sqnr_db": sqnr, "finite": finite}
 
 

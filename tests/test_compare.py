@@ -71,6 +71,9 @@ def test_metrics_on_known_vectors():
     assert m["sqnr_db"].item() == pytest.approx(20.0)
     nan = compare._metrics(torch.tensor([[float("nan"), 1.0]]), ref)
     assert nan["rel_l2"].item() == math.inf and not nan["finite"].item()
+    # A NaN in the reference is a divergence too (not a NaN error a tolerance check would skip).
+    ref_nan = compare._metrics(cand, torch.tensor([[float("inf"), 4.0]]))
+    assert ref_nan["rel_l2"].item() == math.inf and ref_nan["finite"].item()
 
 
 def test_token_agreement_and_first_difference():
