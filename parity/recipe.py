@@ -97,6 +97,7 @@ class Recipe:
     name: str = "custom"
     model: str = "random:tiny"
     model_seed: int = 0
+    traces: str = "full"  # "full": every probed tensor on disk; "tokens": tokens and codes only
     reference: Side = field(default_factory=Side)
     candidate: Side = field(default_factory=lambda: Side(dtype="bfloat16", attention="eager", cache="static:2048"))
     decoding: Decoding = field(default_factory=Decoding)
@@ -118,7 +119,7 @@ class Recipe:
 
 
 _SECTIONS = {"reference": Side, "candidate": Side, "truth": Side, "decoding": Decoding, "gates": Gates, "mos": Mos}
-_TOP = {"name": str, "model": str, "model_seed": int}
+_TOP = {"name": str, "model": str, "model_seed": int, "traces": str}
 
 
 def _check_value(where: str, key: str, value: Any, typ: Any) -> Any:
@@ -212,6 +213,8 @@ def validate(recipe: Recipe, where: str) -> Recipe:
         raise BadInput(f"{where} [gates]: min_token_agreement must be in [0, 1], got {g.min_token_agreement}")
     if g.max_rel_l2 is not None and g.max_rel_l2 <= 0:
         raise BadInput(f"{where} [gates]: max_rel_l2 must be > 0, got {g.max_rel_l2}")
+    if recipe.traces not in ("full", "tokens"):
+        raise BadInput(f"{where}: traces must be 'full' or 'tokens', got {recipe.traces!r}")
     m = recipe.mos
     from parity.mos import SCORER_NAMES
 

@@ -368,7 +368,7 @@ class Run:
                     ref_failure = e
                     break
                 trace.meta["audio_nonfinite"] = first_nonfinite_sample(wav, sr)
-                trace.save(self.out / "traces", f"{p.id}.reference")
+                trace.save(self.out / "traces", f"{p.id}.reference", tokens_only=self.recipe.traces == "tokens")
                 write_wav(self.out / "audio" / f"{p.id}.reference.wav", wav, sr)
                 ref_traces[p.id] = trace
                 self.progress("reference", i + 1, len(prompts))
@@ -394,7 +394,7 @@ class Run:
                     wav, sr = engine.decode_audio(free.codes)
                     cand_audio = [(wav, sr)] + self._extra_seeds(engine, p, "candidate")
                     free.meta["audio_nonfinite"] = first_nonfinite_sample(wav, sr)
-                    forced.save(self.out / "traces", f"{p.id}.candidate.forced")
+                    forced.save(self.out / "traces", f"{p.id}.candidate.forced", tokens_only=self.recipe.traces == "tokens")
                     free.save(self.out / "traces", f"{p.id}.candidate.free")
                     write_wav(self.out / "audio" / f"{p.id}.candidate.wav", wav, sr)
                     self._finish_prompt(p, ref, forced, free, {"reference_s": ref.meta["seconds"], "forced_s": t1 - t0, "free_s": t2 - t1},
@@ -460,7 +460,7 @@ class Run:
         try:
             for p in prompts:
                 traces[p.id] = engine.run(p, self.recipe.decoding, force=ref_traces[p.id])
-                traces[p.id].save(self.out / "traces", f"{p.id}.truth")
+                traces[p.id].save(self.out / "traces", f"{p.id}.truth", tokens_only=self.recipe.traces == "tokens")
         finally:
             self._release(engine, "truth")
         return traces

@@ -27,6 +27,18 @@ TENSOR_FIELDS = (
     "codes", "pred_hidden", "pred_logits", "pred_choice",
 )
 
+FLOAT_FIELDS = ("talker_hidden", "talker_logits", "pred_hidden", "pred_logits")
+STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _narrow(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast to the side's own dtype only where that is exact (it always is for values recorded
+    from that dtype; a variant that computes in fp32 on a bf16 side keeps fp32)."""
+    if dtype == torch.float32 or t.numel() == 0:
+        return t
+    narrow = t.to(dtype)
+    return narrow if torch.equal(narrow.float(), t) else t
+
 
 @dataclass
 class Trace:
@@ -54,16 +66,28 @@ class Trace:
     def forced(self) -> bool:
         return bool(self.meta.get("forced", False))
 
-    def save(self, directory: str | Path, name: str) -> None:
-        """Write ``name.safetensors`` and ``name.json`` into ``directory`` atomically."""
+    def save(self, directory: str | Path, name: str, tokens_only: bool = False) -> None:
+        """Write ``name.safetensors`` and ``name.json`` into ``directory`` atomically.
+
+        Hidden states and logits of a bf16/fp16 side are stored in that dtype: they were recorded
+        from it, so the cast is exact and halves the file. ``tokens_only`` keeps the tokens and
+        codes and drops the per-layer tensors (for long runs where only the verdicts matter).
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: getattr(self, k).contiguous() for k in TENSOR_FIELDS}
+        storage = STORAGE_DTYPES.get((self.meta.get("side") or {}).get("dtype"), torch.float32)
+        tensors = {}
+        for k in TENSOR_FIELDS:
+            t = getattr(self, k)
+            if k in FLOAT_FIELDS:
+                t = torch.zeros(0) if tokens_only else _narrow(t, storage)
+            tensors[k] = t.contiguous()
         tmp = directory / f".{name}.safetensors.tmp"
         save_file(tensors, str(tmp))
         os.replace(tmp, directory / f"{name}.safetensors")
+        meta = {**self.meta, "stored": "tokens" if tokens_only else "full"}
         tmp_json = directory / f".{name}.json.tmp"
-        tmp_json.write_text(json.dumps(self.meta, indent=1, default=str))
+        tmp_json.write_text(json.dumps(meta, indent=1, default=str))
         os.replace(tmp_json, directory / f"{name}.json")
 
     @classmethod
@@ -72,4 +96,4 @@ class Trace:
         directory = Path(directory)
         tensors = load_file(str(directory / f"{name}.safetensors"))
         meta = json.loads((directory / f"{name}.json").read_text())
-        return cls(**{k: tensors[k] for k in TENSOR_FIELDS}, meta=meta)
+        return cls(**{k: tensors[k].float() if k in FLOAT_FIELDS else tensors[k] for k in TENSOR_FIELDS}, meta=meta)
