@@ -271,7 +271,6 @@ def _build_speech_tokenizer(spec: RandomSpec, out: Path, seed: int) -> None:
 def build_random_checkpoint(spec: RandomSpec, out: Path, seed: int = 0) -> Path:
     """Write a complete random-weight Qwen3-TTS checkpoint of ``spec``'s dimensions to ``out``."""
     import torch
-    from qwen_tts.core.models import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration
 
     from parity.engines.reference import import_qwen_tts
 

@@ -30,7 +30,7 @@ from parity.engines.reference import TORCH_DTYPES, default_speaker, import_qwen_
 from parity.errors import BadInput
 from parity.prompts import Prompt
 from parity.recipe import Decoding, Side
-from parity.trace import Trace
+from parity.trace import FLOAT_FIELDS, Trace
 from parity.variants import apply_variants, engine_settings
 
 NUM_SUB_STEPS = 15
@@ -425,8 +425,7 @@ class _StepRecorder:
             "pred_choice": torch.stack(self.pred_choice).cpu() if self.pred_choice else torch.zeros(0, 15, dtype=torch.long),
         }
         if not self.record:
-            return {**out, "talker_hidden": torch.zeros(0), "talker_logits": torch.zeros(0),
-                    "pred_hidden": torch.zeros(0), "pred_logits": torch.zeros(0)}
+            return {**out, **{k: torch.zeros(0) for k in FLOAT_FIELDS}}
         talker_hidden = torch.stack(self.talker_hidden).float().cpu()
         talker_logits = torch.stack(self.e.taps.talker_logits).cpu()
         n_points = self.e.taps.n_p + 1

@@ -10,7 +10,7 @@ intercepted, which hands over its exact inputs without decoding anything.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from parity.probes import Recorder
 from parity.prompts import Prompt
 from parity.recipe import Decoding, Side
 from parity.sampling import Chooser, SamplingParams
-from parity.trace import Trace
+from parity.trace import FLOAT_FIELDS, Trace
 from parity.variants import Applied, Target, apply_variants, set_attention
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -241,7 +241,7 @@ class ReferenceEngine(Engine):
         if record:
             out.update(rec.finish(out["talker_tokens"].shape[0], out["codes"].shape[0]))
         else:
-            out.update(_empty_probe_tensors(self.talker))
+            out.update({k: torch.zeros(0) for k in FLOAT_FIELDS})
         meta = {
             "prompt_id": prompt.id, "engine": self.name, "side": self.describe(), "forced": force is not None,
             "recorded": record, "prefill_len": int(inputs.inputs_embeds.shape[1]),
@@ -263,7 +263,7 @@ class ReferenceEngine(Engine):
             top_p=decoding.top_p, repetition_penalty=decoding.repetition_penalty,
         )
         talker_chooser = Chooser(params, dev, inputs.eos_token_id, inputs.min_new_tokens, inputs.suppress_tokens)
-        pred_chooser = Chooser(replace_penalty(params), dev)
+        pred_chooser = Chooser(replace(params, repetition_penalty=1.0), dev)  # the predictor's generate has none
         generator = torch.Generator(device=dev).manual_seed(decoding.seed) if decoding.do_sample else None
 
         prefill_len = inputs.inputs_embeds.shape[1]
@@ -366,17 +366,3 @@ class ReferenceEngine(Engine):
         wavs, sr = self.model.speech_tokenizer.decode([{"audio_codes": torch.as_tensor(codes).to(self.device)}])
         return np.asarray(wavs[0], dtype=np.float32), int(sr)
 
-
-def replace_penalty(params: SamplingParams) -> SamplingParams:
-    """The code predictor's generate gets no repetition penalty."""
-    from dataclasses import replace
-
-    return replace(params, repetition_penalty=1.0)
-
-
-def _empty_probe_tensors(talker) -> dict[str, torch.Tensor]:
-    p = talker.code_predictor
-    return {
-        "talker_hidden": torch.zeros(0), "talker_logits": torch.zeros(0),
-        "pred_hidden": torch.zeros(0), "pred_logits": torch.zeros(0),
-    }

@@ -10,7 +10,6 @@ sdpa with an explicit padded mask differs from the reference from layer 0 of the
 
 from __future__ import annotations
 
-import torch
 
 from parity.variants.base import Applied, Spec, Target, Variant
 

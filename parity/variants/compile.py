@@ -11,7 +11,6 @@ CPU): keep runs short. Signature: small errors after norms/RoPE inside compiled 
 
 from __future__ import annotations
 
-import torch
 
 from parity.errors import BadInput
 from parity.variants.base import Applied, Spec, Target, Variant
