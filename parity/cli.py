@@ -83,7 +83,9 @@ def run(
     import threading
 
     from parity.run import Interrupted
+    from parity.stackcheck import require_stack
 
+    require_stack()  # before anything imports qwen_tts: a broken install is one line, exit 2
     rec = _recipe(recipe, model, set_, max_frames, device, mos, utmos_checkpoint)
     out = out or default_out(rec.name)
 
@@ -136,7 +138,9 @@ def bisect(
     """Find the minimal set of settings (and the first layer) that makes the candidate diverge, and prove it."""
     from parity.bisect import bisect as run_bisect
     from parity.bisect import exit_code, render
+    from parity.stackcheck import require_stack
 
+    require_stack()
     rec = _recipe(recipe, model, set_, None, device)
     names = [f.strip() for f in factors.split(",") if f.strip()] if factors is not None else None
     out = out or Path("runs") / f"bisect-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -188,15 +192,26 @@ def _check_summary(summary, path: Path) -> None:
 
 @app.command()
 def env() -> None:
-    """Print the environment fingerprint that reports carry."""
+    """Print the install self-check and the environment fingerprint that reports carry."""
     from rich.table import Table
 
-    from parity.env import fingerprint
+    from parity.stackcheck import check_stack
 
-    table = Table(show_header=False)
-    for k, v in fingerprint().items():
-        table.add_row(k, str(v))
-    console.print(table)
+    problems = check_stack()
+    console.print(f"stack check: {'ok' if not problems else f'{len(problems)} problem(s)'}", markup=False, highlight=False)
+    for problem in problems:
+        console.print(f"  {problem.line()}", markup=False, highlight=False, soft_wrap=True)
+    if not problems:  # importing torch from a broken stack may itself fail
+        from parity.env import fingerprint
+
+        table = Table(show_header=False)
+        for k, v in fingerprint().items():
+            table.add_row(k, str(v))
+        console.print(table)
+    if problems:
+        from parity.errors import BadInput
+
+        raise BadInput(problems[0].line())
 
 
 def main() -> None:
