@@ -1,22 +1,27 @@
 """Audio sources for the report's A/B players: embedded as data URIs while a byte budget lasts,
-linked by relative path after that.
+compressed when the WAV does not fit, linked by relative path after that.
 
 A 500-frame prompt is 40 s of 24 kHz 16-bit audio, about 1.9 MB a side (2.6 MB as base64), so
-18 such prompts cannot be embedded in a 5 MB report (one prompt's pair alone takes 5 MB). Prompts
-are embedded in report order, both sides of a prompt or neither, each one that still fits the
-budget left by the rest of the report; the others are linked as
-``audio/<id>.<side>.wav`` relative to report.html, which plays when the report is opened inside
-its run directory (or an artifact that keeps ``audio/`` next to it). The report says which.
+18 such prompts cannot be embedded as WAV in a 5 MB report. Prompts are taken in report order,
+both sides of a prompt together: the WAVs when they still fit the budget left by the rest of the
+report, else the same audio as Ogg Opus (lossy, roughly a tenth of the size) when that fits,
+else linked as ``audio/<id>.<side>.wav`` relative to report.html, which plays only when the
+report is opened inside its run directory (or an artifact that keeps ``audio/`` next to it).
+The report names the prompts whose audio is not in the file.
 """
 
 from __future__ import annotations
 
 import base64
+import io
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from urllib.parse import quote
 
 SIDES = ("reference", "candidate")
+WAV, OPUS, LINK = "wav", "opus", "link"
+_OPUS_RATES = (8000, 12000, 16000, 24000, 48000)  # the rates an Opus stream can carry
 
 
 @dataclass
@@ -28,6 +33,7 @@ class Clip:
     embedded: bool
     duration_s: float | None
     size: int  # bytes of the WAV file
+    kind: str = LINK  # WAV or OPUS (embedded) or LINK
 
 
 def _inside(run_dir: Path, rel: str) -> Path | None:
@@ -45,10 +51,38 @@ def encoded_size(n_bytes: int) -> int:
     return len("data:audio/wav;base64,") + 4 * ((n_bytes + 2) // 3)
 
 
-def clips(run_dir: Path, prompt: dict, embed: bool) -> list[Clip]:
-    """Both sides' clips of a prompt (``prompt['audio']`` maps side -> path in the run dir)."""
+def opus_uri(path: Path) -> str | None:
+    """The WAV at ``path`` as an Ogg Opus data URI (mono), or None when it cannot be encoded."""
+    stat = path.stat()
+    return _opus_uri(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=256)
+def _opus_uri(path: str, mtime_ns: int, size: int) -> str | None:  # mtime/size: the cache key
+    import numpy as np
+    import soundfile as sf
+
+    try:
+        wav, sr = sf.read(path, dtype="float32", always_2d=True)
+        wav = wav.mean(axis=1)
+        if sr not in _OPUS_RATES:  # resample linearly to the next rate Opus carries
+            target = next((r for r in _OPUS_RATES if r >= sr), 48000)
+            n = max(1, round(len(wav) * target / sr))
+            wav = np.interp(np.linspace(0, len(wav) - 1, n), np.arange(len(wav)), wav).astype(np.float32)
+            sr = target
+        buf = io.BytesIO()
+        sf.write(buf, wav, sr, format="OGG", subtype="OPUS")
+    except Exception:  # no Opus in this libsndfile, or an unreadable file: the clip is linked instead
+        return None
+    return "data:audio/ogg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def clips(run_dir: Path, prompt: dict, embed: bool | str) -> list[Clip]:
+    """Both sides' clips of a prompt (``prompt['audio']`` maps side -> path in the run dir);
+    ``embed`` is WAV, OPUS or LINK (True/False mean WAV/LINK)."""
     from parity.report.rundata import audio_info
 
+    how = {True: WAV, False: LINK}.get(embed, embed) if isinstance(embed, bool) else embed
     out = []
     for side in SIDES:
         rel = (prompt.get("audio") or {}).get(side)
@@ -58,27 +92,44 @@ def clips(run_dir: Path, prompt: dict, embed: bool) -> list[Clip]:
             out.append(Clip(side, None, False, None, 0))
             continue
         duration, size = info
-        if embed:
+        src = None
+        if how == WAV:
             src = "data:audio/wav;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-        else:
+        elif how == OPUS:
+            src = opus_uri(path)
+        kind = how if src else LINK
+        if src is None:
             src = quote(path.relative_to(Path(run_dir).resolve()).as_posix())
-        out.append(Clip(side, src, embed, duration, size))
+        out.append(Clip(side, src, kind != LINK, duration, size, kind))
     return out
 
 
-def plan(run_dir: Path, prompts: list[dict], budget: int) -> dict[str, bool]:
-    """Which prompts get their audio embedded: in order, both sides or neither, each prompt
-    whose pair still fits in what is left of ``budget`` characters."""
+def plan(run_dir: Path, prompts: list[dict], budget: int) -> dict[str, str]:
+    """How each prompt's audio goes into the report, in order, both sides alike: WAV while the
+    pair fits in what is left of ``budget`` characters, else OPUS when the compressed pair fits,
+    else LINK."""
     used = 0
-    decision: dict[str, bool] = {}
+    decision: dict[str, str] = {}
     for p in prompts:
-        sizes = []
+        paths = []
         for side in SIDES:
             rel = (p.get("audio") or {}).get(side)
             path = _inside(Path(run_dir), rel) if isinstance(rel, str) else None
-            sizes.append(path.stat().st_size if path else 0)
-        cost = sum(encoded_size(s) for s in sizes if s)
-        fits = cost > 0 and used + cost <= budget
-        used += cost if fits else 0
-        decision[p["id"]] = fits
+            if path is not None:
+                paths.append(path)
+        decision[p["id"]] = LINK
+        if not paths:
+            continue
+        cost = sum(encoded_size(path.stat().st_size) for path in paths)
+        if used + cost <= budget:
+            used += cost
+            decision[p["id"]] = WAV
+            continue
+        if budget - used < 2_000:  # no room left for even a short compressed clip
+            continue
+        uris = [opus_uri(path) for path in paths]
+        cost = sum(len(u) for u in uris if u)
+        if all(uris) and used + cost <= budget:
+            used += cost
+            decision[p["id"]] = OPUS
     return decision

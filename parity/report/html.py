@@ -19,6 +19,7 @@ from jinja2 import Environment, PackageLoader
 from parity.audio_align import CODEC_FRAME_RATE
 from parity.gates import where
 from parity.report import audio, plots, rundata
+from parity.report.overview import hints_of, mos_scorer, overview, short_where
 from parity.report.step_summary import gate_table, write_step_summary
 
 SIZE_LIMIT = 5_000_000  # bytes of report.html (issue: <= 5 MB for 18 prompts x 500 frames)
@@ -32,6 +33,15 @@ def _env() -> Environment:
     env.filters["show"] = show
     env.filters["pct"] = lambda v: "-" if v is None else f"{v:.1%}"
     return env
+
+
+GLOSSARY = {  # settings and fingerprint keys that need a word of explanation
+    "taps": "the fast engine records each layer's output inside its CUDA graphs (hooks installed before capture)",
+    "cuda_graphs": "the fast engine replays captured CUDA graphs instead of launching each kernel",
+    "cache": "KV cache: dynamic (grows per token, like generate) or static:N (preallocated N positions, padded with a mask)",
+    "variants": "divergence sources applied to this side (see the README's Variants section)",
+    "tf32": "TensorFloat-32 matmuls on NVIDIA GPUs (10-bit mantissa in fp32 matmuls)",
+}
 
 
 def _num(v, spec: str = ".3g") -> str:
@@ -127,6 +137,84 @@ def tables(obj) -> list[dict]:
     return [{"title": "", "columns": [""], "rows": [[cell(obj)]]}]
 
 
+def bisect_view(result: dict | None) -> dict | None:
+    """A bisect result (``parity bisect``'s bisect.json) as a verdict line, its evidence and
+    plain tables: one row per setting, one per layer bisect."""
+    if not isinstance(result, dict):
+        return None
+    from parity.report.overview import _bisect_why
+
+    def cell(o: dict | None) -> dict:
+        if not isinstance(o, dict):
+            return {"text": "-", "cls": ""}
+        first = o.get("first_divergence")
+        if o.get("diverges") and first:
+            text = f"diverges at {short_where(first)} ({_num(first.get('rel_l2'), '.2g')})"
+        else:
+            text = f"within tolerance (max {_num(o.get('max_rel_l2'), '.2g')})"
+        return {"text": f"{text} · run {o.get('run', '-')}", "cls": "fail" if o.get("diverges") else "pass"}
+
+    culprits = set(result.get("culprits") or [])
+    rows = [{"setting": f.get("describe") or f.get("name"), "reload": "yes" if f.get("load_time") else "no",
+             "alone": cell((result.get("alone") or {}).get(f.get("name"))),
+             "removed": cell((result.get("removed") or {}).get(f.get("name"))),
+             "culprit": f.get("name") in culprits} for f in result.get("factors") or [] if isinstance(f, dict)]
+    layers = [{"factor": e.get("factor"), "first": "outside the layers" if (e.get("first_layer") or {}).get("layer") is None
+               else f"{(e.get('first_layer') or {}).get('component')} layer {(e.get('first_layer') or {}).get('layer')}",
+               "note": e.get("note"), "runs": ", ".join(str(r.get("run")) for r in e.get("runs") or [])}
+              for e in result.get("layers") or [] if isinstance(e, dict)]
+    verdict, evidence = _bisect_why(result) if result.get("verdict") else ("bisect: no verdict", [])
+    counts = result.get("counts") or {}
+    facts = []
+    if result.get("steps") is not None:
+        facts.append(f"{result['steps']} teacher-forced frames per run")
+    if result.get("tolerance") is not None:
+        facts.append(f"tolerance rel L2 {_num(result['tolerance'], 'g')}")
+    if counts.get("runs") is not None:
+        facts.append(f"{counts['runs']} runs (+{counts.get('reference_runs', 0)} reference)")
+    if counts.get("loads") is not None:
+        facts.append(f"{counts['loads']} model loads")
+    if isinstance(counts.get("seconds"), (int, float)):
+        facts.append(f"{counts['seconds']:.1f} s")
+    candidate = cell(result.get("candidate_run")) if result.get("candidate_run") else None
+    return {"verdict": verdict.removeprefix("bisect: "), "evidence": evidence, "rows": rows, "layers": layers,
+            "facts": "; ".join(facts), "candidate": candidate, "held": result.get("held_at_reference") or [],
+            "holds": (result.get("proof") or {}).get("holds")}
+
+
+_RUN_ONLY = {"--max-frames": 1, "--mos": 1, "--utmos-checkpoint": 1, "--force": 0, "--resume": 0,
+             "--json": 0, "-v": 0, "--verbose": 0, "-q": 0, "--quiet": 0}
+
+
+def bisect_command(summary: dict, run_dir: Path) -> str:
+    """The one command that bisects this run's divergence and adds the result to this report:
+    the run's own command with ``run`` -> ``bisect``, run-only options dropped and ``--out`` the
+    run directory."""
+    import shlex
+
+    try:
+        words = shlex.split(str(summary.get("command") or ""))
+    except ValueError:
+        words = []
+    if len(words) < 3 or words[1] != "run":
+        prompts = summary.get("prompts_file") or "PROMPTS"
+        return f"parity bisect {shlex.quote(str(prompts))} --recipe RECIPE.toml --out {shlex.quote(str(run_dir))}"
+    out, i, rest = str(run_dir), 2, []
+    while i < len(words):
+        w = words[i]
+        name = w.split("=", 1)[0]
+        if name in ("--out", "-o"):
+            out = w.split("=", 1)[1] if "=" in w else (words[i + 1] if i + 1 < len(words) else out)
+            i += 1 if "=" in w else 2
+            continue
+        if name in _RUN_ONLY:
+            i += 1 + (_RUN_ONLY[name] if "=" not in w else 0)
+            continue
+        rest.append(w)
+        i += 1
+    return " ".join(["parity", "bisect", *(shlex.quote(w) for w in rest), "--out", shlex.quote(out)])
+
+
 def _settings(sides: dict) -> dict:
     """Both sides' settings as rows (key, values per side, differs?)."""
     roles = list(sides)
@@ -141,7 +229,8 @@ def _settings(sides: dict) -> dict:
 def _prompt_view(p: dict, index: int, run_dir: Path) -> dict:
     """Everything one prompt's section shows; heatmaps are drawn later (their binning depends on
     the size budget), from the grids kept here."""
-    view = {"p": p, "anchor": f"prompt-{index}", "mos": mos_cells(p.get("mos")), "charts": {}, "notes": [], "grids": []}
+    view = {"p": p, "anchor": f"prompt-{index}", "mos": mos_cells(p.get("mos")), "charts": {}, "notes": [], "grids": [],
+            "hints": hints_of(p), "scorer": mos_scorer(p.get("mos"))}
     if p.get("status") != "ok":
         return view
     c = p.get("comparison") or {}
@@ -183,7 +272,7 @@ def _draw_heatmaps(view: dict, scale: plots.Scale, max_cols: int) -> None:
         view["charts"][f"{g.component}_map"] = plots.heatmap(g, scale, view.get("first"), max_cols, f"{g.component} relative L2")
 
 
-def _with_audio(view: dict, run_dir: Path, embed: bool) -> dict:
+def _with_audio(view: dict, run_dir: Path, embed: str) -> dict:
     p = view["p"]
     if p.get("status") != "ok":
         return view
@@ -195,21 +284,33 @@ def _with_audio(view: dict, run_dir: Path, embed: bool) -> dict:
             "time_axis": plots.time_axis(duration, view.get("markers", [])) if duration else None}
 
 
-def _render(summary: dict, run_dir: Path, views: list[dict], embed: dict[str, bool], scale: plots.Scale,
+def _render(summary: dict, run_dir: Path, views: list[dict], embed: dict[str, str], scale: plots.Scale,
             max_cols: int) -> str:
     prompts = summary.get("prompts", [])
+    bisect = summary.get("bisect") or rundata.load_bisect(run_dir)
+    bisect_result = bisect if isinstance(bisect, dict) and ("verdict" in bisect or "factors" in bisect) else None
+    views = [_with_audio(v, run_dir, embed.get(v["p"]["id"], audio.LINK)) for v in views]
+    with_audio = [v for v in views if any(c.src for c in v.get("clips", []))]
+    settings = _settings(summary.get("sides") or (summary.get("recipe") or {}))
     return _env().get_template("report.html.j2").render(
         s=summary,
+        o=overview(summary, bisect_result),
         gates=gate_table(summary),
-        settings=_settings(summary.get("sides") or (summary.get("recipe") or {})),
-        prompts=[_with_audio(v, run_dir, embed.get(v["p"]["id"], False)) for v in views],
+        settings=settings,
+        differs=[r for r in settings["rows"] if r["differs"]],
+        prompts=views,
         has_mos=any(isinstance(p.get("mos"), dict) for p in prompts),
         has_audible=any(p.get("audible_from_s") is not None for p in prompts),
-        bisect=tables(bisect) if (bisect := summary.get("bisect") or rundata.load_bisect(run_dir)) else [],
+        bisect=bisect_view(bisect_result),
+        bisect_tables=tables(bisect) if bisect and bisect_result is None else [],
+        linked=[v["p"]["id"] for v in with_audio if any(c.src and not c.embedded for c in v["clips"])],
+        compressed=[v["p"]["id"] for v in with_audio if any(c.kind == audio.OPUS for c in v["clips"])],
+        glossary=GLOSSARY,
+        bisect_command=bisect_command(summary, run_dir),
         colorbar=plots.colorbar(scale),
         scale=scale,
         frame_rate=CODEC_FRAME_RATE,
-        embedded=sum(embed.values()),
+        embedded=sum(k != audio.LINK for k in embed.values()),
         tables=tables,
         max_cols=max_cols,
     )
@@ -232,7 +333,7 @@ def render(summary: dict, run_dir: Path, size_limit: int = SIZE_LIMIT) -> str:
             break
         max_cols = max(25, max_cols // 2)
     embed = audio.plan(run_dir, [v["p"] for v in views if v["p"].get("status") == "ok"], size_limit - size - _MARGIN)
-    if not any(embed.values()):
+    if all(k == audio.LINK for k in embed.values()):
         return bare
     return _render(summary, run_dir, views, embed, scale, max_cols)
 

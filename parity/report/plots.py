@@ -29,9 +29,9 @@ from markupsafe import Markup, escape
 from parity.report.png import data_uri, encode_palette
 
 MAX_COLS = 400  # heatmap columns at most (steps are max-pooled into bins beyond this)
-WIDTH = 960  # SVG user units; CSS scales the charts to the page width
+WIDTH = 1040  # SVG user units; CSS scales the charts to the page width
 LEFT = 78  # room for row labels
-RIGHT = 12
+RIGHT = 92  # room for the predictor's key to the rows inside each sub-step band
 PLOT_W = WIDTH - LEFT - RIGHT
 DECADES_BELOW, DECADES_ABOVE = 3, 2  # colour scale around the tolerance
 
@@ -173,7 +173,8 @@ def heatmap(g: Grid, scale: Scale, first: dict | None, max_cols: int = MAX_COLS,
         f'style="image-rendering:pixelated" href="{png}"/>',
         f'<rect x="{LEFT}" y="{top}" width="{PLOT_W}" height="{plot_h:.1f}" fill="none" stroke="#888" stroke-width=".5"/>',
     ]
-    # Row labels: every point for short lists; sub-step bands for the predictor.
+    # Row labels: every point for short lists; sub-step bands for the predictor, with a key on the
+    # right naming the rows inside a band (the same points, in the same order, in every band).
     if predictor:
         subs = [k[0] for k in keys]
         bands = sorted(set(subs))
@@ -187,6 +188,7 @@ def heatmap(g: Grid, scale: Scale, first: dict | None, max_cols: int = MAX_COLS,
                 seps.append(f"M{LEFT} {top + first_row * row_h:.1f}h{PLOT_W}")
         if seps:
             out.append(f'<path d="{"".join(seps)}" stroke="#fff" stroke-width="1"/>')
+        out.append(_band_key(labels[:subs.count(bands[0])], top, row_h, plot_h))
     else:
         every = max(1, math.ceil(n_rows / (plot_h / 11)))
         for i, lab in enumerate(labels):
@@ -228,6 +230,24 @@ def heatmap(g: Grid, scale: Scale, first: dict | None, max_cols: int = MAX_COLS,
                        f'stroke="{COLORS["marker"]}" stroke-dasharray="3 3" stroke-width="1"/>')
     out.append("</svg>")
     return Markup("".join(out))
+
+
+def _band_key(names: list[str], top: float, row_h: float, plot_h: float) -> str:
+    """Right of the predictor heatmap: the names of the rows inside one sub-step band, each with a
+    leader line to its row in the first band."""
+    x0 = LEFT + PLOT_W
+    spacing = 11.0
+    room = int((plot_h - 14) // spacing)
+    every = max(1, math.ceil(len(names) / max(room, 1)))
+    out = [f'<g class="band-key"><text x="{x0 + 6}" y="{top + 8}" class="lbl" font-weight="600">rows per band</text>']
+    shown = [i for i in range(len(names)) if i % every == 0 or i == len(names) - 1]
+    for j, i in enumerate(shown):
+        y_row = top + (i + .5) * row_h
+        y_text = top + 22 + j * spacing
+        out.append(f'<path d="M{x0 + 1} {y_row:.1f}L{x0 + 16} {y_text - 3:.1f}" stroke="#999" stroke-width=".6" fill="none"/>'
+                   f'<text x="{x0 + 19}" y="{y_text:.1f}" class="lbl">{escape(names[i])}</text>')
+    out.append("</g>")
+    return "".join(out)
 
 
 def colorbar(scale: Scale) -> Markup:
@@ -393,14 +413,28 @@ def time_axis(duration_s: float, markers: list[tuple[str, float, str]]) -> Marku
     for i in np.arange(0, duration_s + 1e-9, step):
         out.append(f'<path d="M{x_of(i):.1f} 26v4" stroke="#555"/><text x="{x_of(i):.1f}" y="40" text-anchor="middle" '
                    f'class="lbl">{i:g}</text>')
-    for k, (label, t, color) in enumerate(markers):
+    # Marker labels go into lanes (above the track, then below the ticks) so that none overlaps
+    # another: each takes the first lane where it clears the labels already there.
+    lanes_y = [11, 54, 66, 78, 90]
+    lanes: list[list[tuple[float, float]]] = [[] for _ in lanes_y]
+    placed = []
+    for label, t, color in sorted(markers, key=lambda m: m[1]):
         x = x_of(t)
-        # Labels alternate above and below the track so that close markers stay readable.
-        y_text = 11 if k % 2 == 0 else 56
-        anchor, dx = ("end", -3) if x > LEFT + 0.8 * PLOT_W else ("start", 3)
-        out.append(f'<g class="marker" data-t="{t:.3f}"><path d="M{x:.1f} {14 if k % 2 == 0 else 16}v{14 if k % 2 == 0 else 32}" '
-                   f'stroke="{color}" stroke-width="2"/>'
-                   f'<text x="{x + dx:.1f}" y="{y_text}" text-anchor="{anchor}" class="lbl" fill="{color}">'
-                   f'{escape(label)} {t:.2f} s</text></g>')
+        text = f"{label} {t:.2f} s"
+        w = 5.6 * len(text) + 4  # 10 px system-ui, a little generous
+        right_side = x + 3 + w <= WIDTH
+        x0, x1 = (x + 3, x + 3 + w) if right_side else (x - 3 - w, x - 3)
+        lane = next((i for i, spans in enumerate(lanes) if all(x1 + 4 < a or x0 > b + 4 for a, b in spans)), len(lanes) - 1)
+        lanes[lane].append((x0, x1))
+        placed.append((text, t, x, color, lane, right_side))
+    height = max(height, 6 + max((lanes_y[lane] for *_, lane, _ in placed), default=0))
+    for text, t, x, color, lane, right_side in placed:
+        y_text = lanes_y[lane]
+        y0, y1 = (y_text + 3, 28) if lane == 0 else (16, y_text - 8)
+        out.append(f'<g class="marker" data-t="{t:.3f}"><path d="M{x:.1f} {y0}V{y1}" stroke="{color}" stroke-width="2"/>'
+                   f'<text x="{x + (3 if right_side else -3):.1f}" y="{y_text}" text-anchor="{"start" if right_side else "end"}" '
+                   f'class="lbl" fill="{color}">{escape(text)}</text></g>')
     out.append("</svg>")
+    out[0] = (f'<svg class="timeaxis" data-duration="{duration_s:.3f}" viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" '
+              f'height="{height}">')
     return Markup("".join(out))
