@@ -16,15 +16,55 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Numerical-parity diagnostics for fast TTS engines.")
+app = typer.Typer(add_completion=True, help="Numerical-parity diagnostics for fast TTS engines.",
+                  context_settings={"help_option_names": ["-h", "--help"]})
 console = Console(stderr=False)
 err_console = Console(stderr=True)
+VERBOSITY = {"level": 0}  # -q: -1, default 0, -v: 1 (set by the root and by each command)
 
 PromptsArg = Annotated[Path, typer.Argument(help="Prompt file: one prompt per line, or JSONL with 'text'.")]
 RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe TOML (default: the built-in smoke settings).")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, checkpoint directory, random:tiny or random:0.6b.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: runs/<recipe>-<time>).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: section.key=value (repeatable).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (no table); progress stays on stderr.")]
+VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, show_default=False, help="More detail: every prompt's hints, progress as log lines.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only the closing line (and errors).")]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("parity")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _verbosity(verbose: int, quiet: bool) -> int:
+    """Set and return the verbosity: options given to a command add to those given to the root."""
+    if quiet:
+        VERBOSITY["level"] = -1
+    elif verbose:
+        VERBOSITY["level"] = max(VERBOSITY["level"], 0) + verbose
+    return VERBOSITY["level"]
+
+
+@app.callback(invoke_without_command=True)
+def root(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", is_eager=True, help="Print parity's version and exit.")] = False,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Numerical-parity diagnostics for fast TTS engines: run, bisect, report, env."""
+    if version:
+        console.print(f"parity {_version()}", markup=False, highlight=False)
+        raise typer.Exit(0)
+    _verbosity(verbose, quiet)
+    if ctx.invoked_subcommand is None:  # bare `parity`: the usage, not an error message
+        console.print(ctx.get_help(), markup=False, highlight=False)
+        raise typer.Exit(2)
 
 
 def _recipe(recipe_path, model, sets, max_frames=None, device=None, mos=None, utmos_checkpoint=None):
@@ -53,17 +93,6 @@ def default_out(recipe_name: str) -> Path:
     return Path("runs") / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _progress_bar():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    # No auto-refresh thread: on a 2-core machine it starves torch's OpenMP workers (measured 4x slower).
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True, auto_refresh=False,
-        disable=not err_console.is_terminal,  # in CI logs stderr holds only the one-line error, if any
-    )
-
-
 @app.command()
 def run(
     prompts: PromptsArg,
@@ -71,22 +100,30 @@ def run(
     model: ModelOpt = None,
     out: OutOpt = None,
     set_: SetOpt = None,
-    max_frames: Annotated[Optional[int], typer.Option("--max-frames", help="Frames to decode at most.")] = None,
+    max_frames: Annotated[Optional[int], typer.Option("--max-frames", min=1, help="Frames to decode at most (>= 1).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda for both sides.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty --out.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
     mos: Annotated[Optional[str], typer.Option("--mos", help="Scorers for both sides' audio: dnsmos, utmos, dnsmos,utmos or none.")] = None,
     utmos_checkpoint: Annotated[Optional[str], typer.Option("--utmos-checkpoint", help="Local UTMOS22-strong checkpoint (file or SpeechMOS clone).")] = None,
+    json_out: JsonOpt = False,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False,
 ) -> None:
     """Run reference and candidate on every prompt and report where they first diverge."""
     import signal
     import threading
 
+    from parity import mistakes
     from parity.run import Interrupted
     from parity.stackcheck import require_stack
 
+    level = _verbosity(verbose, quiet)
+    mistakes.check_prompts_not_recipe(prompts)
+    mistakes.check_resume_target(out, resume)
     require_stack()  # before anything imports qwen_tts: a broken install is one line, exit 2
     rec = _recipe(recipe, model, set_, max_frames, device, mos, utmos_checkpoint)
+    mistakes.check_cuda({"reference": rec.reference, "candidate": rec.candidate, "truth": rec.truth})
     out = out or default_out(rec.name)
 
     def on_sigterm(signum, frame):  # CI cancellation: stop like Ctrl-C, keep what finished
@@ -95,33 +132,57 @@ def run(
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal() works only there
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
-        _run(prompts, rec, out, force, resume)
+        _run(prompts, rec, out, force, resume, json_out, level)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _run(prompts: Path, rec, out: Path, force: bool, resume: bool) -> None:
-    from parity.report.console import print_summary
+def _run(prompts: Path, rec, out: Path, force: bool, resume: bool, json_out: bool, level: int) -> None:
+    from parity.capture import engine_output_to
+    from parity.report.console import closing_line, print_summary
+    from parity.report.progress import Progress
     from parity.run import Run
 
     command = "parity " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    with _progress_bar() as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(f"{phase} side", total=total)
-            bar.update(tasks[phase], completed=done)
-            bar.refresh()
-
-        try:
+    progress = Progress(live=False if level > 0 else None, quiet=level < 0)
+    try:
+        with engine_output_to(lambda: out):
             summary = Run(prompts, rec, out, command, progress).execute(force=force, resume=resume)
-        except KeyboardInterrupt as e:  # typer would swallow it into a bare exit 130
-            raise _Stopped(e) from None
-    print_summary(summary, console)
-    console.print(f"wrote {out}/summary.json, junit.xml, report.html")
+    except KeyboardInterrupt as e:  # typer would swallow it into a bare exit 130
+        raise _Stopped(e) from None
+    finally:
+        progress.close()
+    seconds = progress.elapsed()
+    if json_out:
+        _print_json({"run_dir": str(out), "seconds": round(seconds, 1), **summary})
+    elif level < 0:
+        text, style = closing_line(summary, seconds)
+        console.print(text, style=style, markup=False, highlight=False)
+    else:
+        from parity.report.rundata import load_bisect
+
+        print_summary(summary, console, seconds, load_bisect(out), verbose=level > 0)
+        console.print(f"wrote {out}/report.html, summary.json, junit.xml", markup=False, highlight=False)
     raise typer.Exit(0 if summary["passed"] else 1)
+
+
+def _print_json(data) -> None:
+    """Machine-readable output: one JSON document on stdout (strict: NaN/inf become null)."""
+    import json
+    import math
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    sys.stdout.write(json.dumps(clean(data), default=str, allow_nan=False) + "\n")
+    sys.stdout.flush()
 
 
 @app.command()
@@ -129,30 +190,71 @@ def bisect(
     prompts: PromptsArg,
     recipe: RecipeOpt = None,
     factors: Annotated[Optional[str], typer.Option("--factors", help="Comma-separated settings to bisect over: side fields (dtype, attention, cache, tf32, ...) or variant specs (rmsnorm_lowp@talker). Default: every setting that differs.")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Teacher-forced frames per probe run.")] = 8,
-    out: OutOpt = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Teacher-forced frames per probe run (>= 1).")] = 8,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where bisect.json goes; a run directory gets the bisect added to its report.html.")] = None,
     model: ModelOpt = None,
     set_: SetOpt = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda for both sides.")] = None,
+    json_out: JsonOpt = False,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Find the minimal set of settings (and the first layer) that makes the candidate diverge, and prove it."""
+    """Find the minimal set of settings (and the first layer) that makes the candidate diverge, and prove it.
+
+    With --out a run directory (written by parity run), its report.html is re-rendered with the bisect in it."""
+    from parity import mistakes
     from parity.bisect import bisect as run_bisect
     from parity.bisect import exit_code, render
+    from parity.capture import engine_output_to
     from parity.stackcheck import require_stack
 
+    level = _verbosity(verbose, quiet)
+    mistakes.check_prompts_not_recipe(prompts)
     require_stack()
     rec = _recipe(recipe, model, set_, None, device)
+    mistakes.check_cuda({"reference": rec.reference, "candidate": rec.candidate})
     names = [f.strip() for f in factors.split(",") if f.strip()] if factors is not None else None
     out = out or Path("runs") / f"bisect-{time.strftime('%Y%m%d-%H%M%S')}"
+    t0 = time.perf_counter()
 
     def progress(text: str) -> None:
-        if err_console.is_terminal:
+        if level < 0:
+            return
+        if err_console.is_terminal and level == 0:
             err_console.print(text, markup=False, highlight=False)
+        else:
+            sys.stderr.write(f"parity: [{time.perf_counter() - t0:7.1f} s] {text}\n")
+            sys.stderr.flush()
 
-    result = run_bisect(prompts, rec, names, steps, out, progress)
-    render(result, console)
-    console.print(f"wrote {out}/bisect.json")
+    with engine_output_to(lambda: out):
+        result = run_bisect(prompts, rec, names, steps, out, progress)
+    report = _add_bisect_to_run(out)
+    if json_out:
+        _print_json({"bisect_json": str(out / "bisect.json"), "report": str(report) if report else None, "bisect": result})
+    elif level < 0:
+        console.print(f"bisect: {result.get('verdict')}", markup=False, highlight=False)
+    else:
+        render(result, console)
+        console.print(f"wrote {out}/bisect.json" + (f"; added it to {report}" if report else ""), markup=False, highlight=False)
     raise typer.Exit(exit_code(result))
+
+
+def _add_bisect_to_run(out: Path) -> Path | None:
+    """When --out is a run directory, re-render its report.html (and junit.xml) with the bisect."""
+    import json
+
+    summary_path = out / "summary.json"
+    if not summary_path.is_file():
+        return None
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        _check_summary(summary, summary_path)
+    except Exception:  # not a run we can re-render: the bisect.json stands on its own
+        return None
+    from parity.report import html
+
+    html.write(summary, out, out / "report.html")
+    return out / "report.html"
 
 
 @app.command()
@@ -191,13 +293,23 @@ def _check_summary(summary, path: Path) -> None:
 
 
 @app.command()
-def env() -> None:
+def env(json_out: JsonOpt = False) -> None:
     """Print the install self-check and the environment fingerprint that reports carry."""
     from rich.table import Table
 
     from parity.stackcheck import check_stack
 
     problems = check_stack()
+    if json_out:
+        from dataclasses import asdict, is_dataclass
+
+        data = {"stack_ok": not problems, "problems": [p.line() for p in problems], "version": _version()}
+        if not problems:
+            from parity.env import fingerprint
+
+            data["fingerprint"] = fingerprint()
+        _print_json({**data, "details": [asdict(p) for p in problems if is_dataclass(p)]})
+        raise typer.Exit(2 if problems else 0)
     console.print(f"stack check: {'ok' if not problems else f'{len(problems)} problem(s)'}", markup=False, highlight=False)
     for problem in problems:
         console.print(f"  {problem.line()}", markup=False, highlight=False, soft_wrap=True)
@@ -220,7 +332,7 @@ def main() -> None:
 
     try:
         # Without standalone mode click returns (rather than raises) a command's typer.Exit code.
-        code = app(standalone_mode=False)
+        code = _command()(standalone_mode=False, prog_name="parity")
         if code == 130:  # typer's answer to a KeyboardInterrupt outside a run
             _interrupted(KeyboardInterrupt())
         sys.exit(code if isinstance(code, int) else 0)
@@ -246,6 +358,25 @@ def main() -> None:
             cause = e.__cause__ or e.__context__
             _interrupted(cause if isinstance(cause, KeyboardInterrupt) else KeyboardInterrupt())
         raise
+
+
+def _command():
+    """The click command behind ``app``, with on/off flags shown without a ``<bool>`` metavar."""
+    command = typer.main.get_command(app)
+
+    def tidy(cmd) -> None:
+        import typer._click as click
+
+        ctx = click.Context(cmd, info_name="parity", help_option_names=["-h", "--help"])
+        help_option = cmd.get_help_option(ctx)
+        for param in [*cmd.params, *([help_option] if help_option is not None else [])]:
+            if getattr(param, "is_flag", False) or getattr(param, "count", False):
+                param.metavar = ""
+        for sub in getattr(cmd, "commands", {}).values():
+            tidy(sub)
+
+    tidy(command)
+    return command
 
 
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:

@@ -39,7 +39,7 @@ from parity.prompts import Prompt, load_prompts
 from parity.recipe import Recipe
 from parity.trace import Trace
 
-Progress = Callable[[str, int, int], None]  # (phase, done, total)
+Progress = Callable[..., None]  # (phase, done, total, prompt id)
 
 # What `parity run` writes into --out; --force deletes a directory only if it holds a run.json or
 # nothing but these (plus our own hidden temporary files), never an unrelated non-empty directory.
@@ -275,7 +275,7 @@ class Run:
         self.recipe = recipe
         self.out = Path(out)
         self.command = command
-        self.progress = progress or (lambda phase, done, total: None)
+        self.progress = progress or (lambda *event: None)
         self.tol = recipe.tolerance()
 
     def execute(self, force: bool = False, resume: bool = False) -> dict:
@@ -371,7 +371,7 @@ class Run:
                 trace.save(self.out / "traces", f"{p.id}.reference", tokens_only=self.recipe.traces == "tokens")
                 write_wav(self.out / "audio" / f"{p.id}.reference.wav", wav, sr)
                 ref_traces[p.id] = trace
-                self.progress("reference", i + 1, len(prompts))
+                self.progress("reference", i + 1, len(prompts), p.id)
         finally:
             self._release(engine, "reference")
         done = [p for p in prompts if p.id in ref_traces]
@@ -399,7 +399,7 @@ class Run:
                     write_wav(self.out / "audio" / f"{p.id}.candidate.wav", wav, sr)
                     self._finish_prompt(p, ref, forced, free, {"reference_s": ref.meta["seconds"], "forced_s": t1 - t0, "free_s": t2 - t1},
                                         truth_traces.pop(p.id, None), ref_audio.pop(p.id), cand_audio)
-                    self.progress("candidate", i + 1, len(done))
+                    self.progress("candidate", i + 1, len(done), p.id)
             finally:
                 self._release(engine, "candidate")
         if ref_failure is not None:

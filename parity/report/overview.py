@@ -73,8 +73,11 @@ class Overview:
     agreement: str | None = None
     low_agreement: list[str] = field(default_factory=list)  # ids that pass with agreement under LOW_AGREEMENT
     audible: str | None = None
+    audible_short: str | None = None
     mos: str | None = None
+    mos_short: str | None = None
     warnings: list[str] = field(default_factory=list)
+    warnings_short: list[str] = field(default_factory=list)
 
 
 def _pct(v: float) -> str:
@@ -155,13 +158,15 @@ def overview(summary: dict, bisect: dict | None = None) -> Overview:
     threshold = next((p.get("audible_threshold_db") for p in ok if p.get("audible_threshold_db") is not None), None)
     with_audio = [p for p in ok if (p.get("audio") or {}).get("reference") and (p.get("audio") or {}).get("candidate")]
     if heard:
+        o.audible_short = f"audible from {min(heard):.2f} s ({len(heard)}/{len(ok)} prompts)"
         o.audible = (f"audibly different on {len(heard)}/{len(ok)} prompts, from {min(heard):.2f} s at the earliest "
                      f"(first 80 ms segment over {threshold:g} dB log-mel distance)" if threshold is not None else
                      f"audibly different on {len(heard)}/{len(ok)} prompts, from {min(heard):.2f} s at the earliest")
     elif ok and not with_audio:
-        o.audible = "audible-from not measured: the run has no audio of both sides"
+        o.audible = o.audible_short = "audible-from not measured: the run has no audio of both sides"
     elif ok:
         limit = f"{threshold:g} dB" if threshold is not None else "the threshold"
+        o.audible_short = f"audible from: none (no 80 ms segment over {limit} log-mel)"
         o.audible = (f"audible-from is empty on every prompt: no 80 ms segment of the two sides' audio differs by more "
                      f"than {limit} of log-mel distance ([mos] audible_db), even where the codes differ")
 
@@ -171,13 +176,17 @@ def overview(summary: dict, bisect: dict | None = None) -> Overview:
         scorer = mos_scorer(mos[0]) or "MOS"
         metric = str(mos[0].get("metric") or "").upper()
         worst = [m.get("worst_delta", m["delta"]) for m in mos if isinstance(m.get("delta"), (int, float))]
+        short_name = str(mos[0].get("scorer")).upper() if mos[0].get("scorer") else "MOS"
+        o.mos_short = (f"ΔMOS {statistics.mean(deltas):+.3f} mean, worst {min(worst):+.3f} "
+                       f"({short_name}{' ' + metric if metric else ''})")
         o.mos = (f"{scorer}{' ' + metric if metric and metric not in scorer else ''}: candidate - reference "
                  f"{statistics.mean(deltas):+.3f} mean over {len(deltas)} prompts, worst {min(worst):+.3f}")
     elif ok:
-        o.mos = "MOS not scored (--mos none or every clip failed)"
+        o.mos = o.mos_short = "MOS not scored (--mos none or every clip failed)"
 
     model = str(summary.get("model") or (summary.get("recipe") or {}).get("model") or "")
     if model.startswith("random:"):
         o.warnings.append(f"model {model} has random weights: its audio is noise, so the audio lines and MOS mean "
                           "nothing; only the numerical comparison does")
+        o.warnings_short.append(f"{model} has random weights: its audio and MOS mean nothing")
     return o
