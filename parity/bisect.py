@@ -472,9 +472,10 @@ def render(result: dict, console) -> None:
     table = Table(
         title=f"parity bisect: {ref.label()} vs {cand.label()}",
         caption=f"{result['steps']} teacher-forced frames, tolerance rel L2 {result['tolerance']:g}; "
-        f"{c['runs']} runs (+{c['reference_runs']} reference), {c['loads']} model loads, {c['seconds']:.1f} s",
+        f"{c['runs']} runs (+{c['reference_runs']} reference), {c['loads']} model loads, {c['seconds']:.1f} s; "
+        "reload: the setting needs the model loaded again (engine, dtype, device)",
     )
-    for col in ("setting", "load-time", "alone on the reference", "removed from the candidate", "culprit"):
+    for col in ("setting", "reload", "alone on the reference", "removed from the candidate", "culprit"):
         table.add_column(col, overflow="fold")
     culprits = set(result.get("culprits", []))
     for f in result["factors"]:

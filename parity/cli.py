@@ -115,16 +115,16 @@ def run(
     import threading
 
     from parity import mistakes
-    from parity.run import Interrupted
     from parity.stackcheck import require_stack
 
     level = _verbosity(verbose, quiet)
-    mistakes.check_prompts_not_recipe(prompts)
+    mistakes.check_prompts_not_recipe(prompts)  # the cheap checks first: nothing heavy is imported yet
     mistakes.check_resume_target(out, resume)
     require_stack()  # before anything imports qwen_tts: a broken install is one line, exit 2
     rec = _recipe(recipe, model, set_, max_frames, device, mos, utmos_checkpoint)
     mistakes.check_cuda({"reference": rec.reference, "candidate": rec.candidate, "truth": rec.truth})
     out = out or default_out(rec.name)
+    from parity.run import Interrupted
 
     def on_sigterm(signum, frame):  # CI cancellation: stop like Ctrl-C, keep what finished
         raise Interrupted("SIGTERM", 143)

@@ -246,7 +246,8 @@ def signature_hints(points: pd.DataFrame, first_nonfinite: dict | None, tol: flo
             "enters_at_first_layer",
             "error enters in the first decoder layer of the prefill" + (" and every layer adds to it" if every else "")
             + ": a per-layer op computes differently everywhere (RMSNorm variance in bf16 -> error at every "
-            "norm, vllm-omni #2277; RoPE precision; a quantised KV cache; another attention kernel)",
+            "norm, the bug fixed for Qwen3-TTS in vllm-omni pull request 2277; RoPE precision; a quantised KV cache; "
+            "another attention kernel)",
             f"first difference at {where}; embed identical",
         ))
     elif first["component"] == "talker" and first["step"] == 1 and first["layer"] == 0:
@@ -254,7 +255,7 @@ def signature_hints(points: pd.DataFrame, first_nonfinite: dict | None, tol: flo
             "enters_at_first_decode",
             "the prefill matches exactly but the first decode step differs from layer 0: the single-token "
             "decode path differs (static/padded KV cache with an explicit mask, SDPA backend, CUDA-graph "
-            "capture; faster-qwen3-tts #48, FINDINGS 4)",
+            "capture; faster-qwen3-tts pull request 48 switched its attention to SDPA over such a cache)",
             f"talker step 0 bit-identical; first difference at {where}",
         ))
     if first["layer"] > 0:

@@ -185,14 +185,28 @@ def test_report_within_5_mb(big):
     assert text.count('class="prompt"') == N_PROMPTS
 
 
-def test_audio_linked_when_it_does_not_fit(big):
+def test_audio_compressed_when_the_wav_does_not_fit(big):
     _, run_dir, text = big
     srcs = re.findall(r'<audio[^>]*src="([^"]*)"', text)
     assert len(srcs) == 2 * N_PROMPTS
-    # One prompt's 40 s pair is 5 MB as base64: nothing fits, everything is linked next to the report.
-    for s in srcs:
+    # One prompt's 40 s WAV pair is 5 MB as base64: no WAV fits, the audio goes in as Ogg Vorbis
+    # while it fits, and whatever is left is linked next to the report and named in it.
+    assert not any(s.startswith("data:audio/wav") for s in srcs)
+    assert any(s.startswith("data:audio/ogg;base64,") for s in srcs)
+    linked = [s for s in srcs if not s.startswith("data:")]
+    for s in linked:
         assert re.fullmatch(r"audio/p\d{3}\.(reference|candidate)\.wav", s) and (run_dir / s).is_file()
-    assert "the rest is linked" in text
+        assert s.split("/")[1].split(".")[0] in text.split("is not in this file")[1][:2000]
+    assert "Ogg Vorbis" in text
+
+
+def test_audio_linked_and_named_when_nothing_fits(big):
+    summary, run_dir, _ = big
+    text = html.render(summary, run_dir, size_limit=1_000_000)
+    srcs = re.findall(r'<audio[^>]*src="([^"]*)"', text)
+    assert srcs and not any(s.startswith("data:") for s in srcs)
+    named = text.split("is not in this file")[1][:600]
+    assert all(p["id"] in named for p in summary["prompts"])
 
 
 def test_audio_embedded_while_the_budget_lasts(big):

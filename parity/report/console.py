@@ -57,7 +57,8 @@ def print_summary(summary: dict, console: Console, seconds: float | None = None,
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), show_edge=False, collapse_padding=True)
     for col, justify in (("prompt", "left"), ("diverges at", "left"), ("rel L2", "right"), ("first flip", "left"),
                          ("margin", "right"), ("agree", "right"), ("verdict", "left")):
-        table.add_column(col, justify=justify, overflow="fold")
+        label = col in ("diverges at", "first flip")  # short labels: never broken across lines
+        table.add_column(col, justify=justify, overflow="fold", no_wrap=label, min_width=14 if label else None)
     notes: list[tuple[str, str]] = []
     for p in summary.get("prompts") or []:
         if p.get("status") != "ok":

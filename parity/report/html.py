@@ -304,7 +304,7 @@ def _render(summary: dict, run_dir: Path, views: list[dict], embed: dict[str, st
         bisect=bisect_view(bisect_result),
         bisect_tables=tables(bisect) if bisect and bisect_result is None else [],
         linked=[v["p"]["id"] for v in with_audio if any(c.src and not c.embedded for c in v["clips"])],
-        compressed=[v["p"]["id"] for v in with_audio if any(c.kind == audio.OPUS for c in v["clips"])],
+        compressed=[v["p"]["id"] for v in with_audio if any(c.kind == audio.OGG for c in v["clips"])],
         glossary=GLOSSARY,
         bisect_command=bisect_command(summary, run_dir),
         colorbar=plots.colorbar(scale),

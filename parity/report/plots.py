@@ -190,7 +190,7 @@ def heatmap(g: Grid, scale: Scale, first: dict | None, max_cols: int = MAX_COLS,
             out.append(f'<path d="{"".join(seps)}" stroke="#fff" stroke-width="1"/>')
         out.append(_band_key(labels[:subs.count(bands[0])], top, row_h, plot_h))
     else:
-        every = max(1, math.ceil(n_rows / (plot_h / 11)))
+        every = max(1, math.ceil(n_rows / (plot_h / 12)))
         for i, lab in enumerate(labels):
             # First and last rows always (embed, logits); others every few, never crowding the last.
             if i == n_rows - 1 or (i % every == 0 and i + every / 2 < n_rows - 1):
@@ -236,7 +236,7 @@ def _band_key(names: list[str], top: float, row_h: float, plot_h: float) -> str:
     """Right of the predictor heatmap: the names of the rows inside one sub-step band, each with a
     leader line to its row in the first band."""
     x0 = LEFT + PLOT_W
-    spacing = 11.0
+    spacing = 13.0
     room = int((plot_h - 14) // spacing)
     every = max(1, math.ceil(len(names) / max(room, 1)))
     out = [f'<g class="band-key"><text x="{x0 + 6}" y="{top + 8}" class="lbl" font-weight="600">rows per band</text>']

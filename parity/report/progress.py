@@ -23,6 +23,7 @@ class Progress:
         self.quiet = quiet
         self.t0 = time.perf_counter()
         self.phase_start: dict[str, float] = {}
+        self.last_event = self.t0  # a phase starts when the one before it ended (or the run started)
         self._width = 0
 
     def elapsed(self) -> float:
@@ -40,9 +41,8 @@ class Progress:
         if self.quiet:
             return
         now = time.perf_counter()
-        start = self.phase_start.setdefault(phase, now)
-        if done == 0 and prompt is None:
-            return
+        start = self.phase_start.setdefault(phase, self.last_event)
+        self.last_event = now
         eta = ""
         if done and total > done:
             eta = f" (ETA {(now - start) / done * (total - done):.0f} s)"

@@ -4,7 +4,7 @@ The implementation itself (``eager`` / ``sdpa``) is a side setting (``attention`
 recipe); engines switch it on a loaded model with :func:`set_attention`. This variant picks the
 kernel behind ``sdpa`` for the selected layers' attention calls. Availability depends on the
 device: on CPU (torch 2.11) ``math`` and ``flash`` (a CPU flash kernel) run, ``efficient`` and
-``cudnn`` do not ("No viable backend"); on CUDA all four may. Measured on Hopper (FINDINGS 4):
+``cudnn`` do not ("No viable backend"); on CUDA all four may. Measured on Hopper (an H200):
 sdpa with an explicit padded mask differs from the reference from layer 0 of the first decode step.
 """
 

@@ -25,7 +25,7 @@ def _lowp_forward(norm: torch.nn.Module):
 
 class RMSNormLowp(Variant):
     name = "rmsnorm_lowp"
-    summary = "RMSNorm variance and scaling in the activation dtype instead of fp32 (vllm-omni #2277)"
+    summary = "RMSNorm variance and scaling in the activation dtype instead of fp32 (a bug vllm-omni fixed for Qwen3-TTS in pull request 2277)"
     outside_layers = True  # the component's final norm
 
     def apply(self, target: Target, spec: Spec, applied: Applied) -> None:

@@ -32,7 +32,7 @@ def lowp_cos_sin(rotary: torch.nn.Module, x: torch.Tensor, position_ids: torch.T
 
 class RopeLowp(Variant):
     name = "rope_lowp"
-    summary = "RoPE position*frequency and cos/sin in the activation dtype instead of fp32 (vllm-omni #2277)"
+    summary = "RoPE position*frequency and cos/sin in the activation dtype instead of fp32 (a bug vllm-omni fixed for Qwen3-TTS in pull request 2277)"
 
     def apply(self, target: Target, spec: Spec, applied: Applied) -> None:
         for component in target.components(spec.scope):
