@@ -4,6 +4,7 @@ off-terminal progress lines: all from summary dicts (no engine runs here)."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -170,3 +171,30 @@ def test_engine_prints_go_to_the_log_not_stdout(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["before", "after"]
     assert (tmp_path / "engine.log").read_text().split("\n")[:2] == ["CUDA graph captured!", "from C"]
+
+
+def test_bisect_renders_as_tables_with_a_verdict_line(tmp_path):
+    outcome = {"purpose": "alone", "factors": ["kv_quant=int8"], "side": "x", "seconds": 0.123456789}
+    result = {
+        "verdict": "culprit: kv_quant=int8 (proof holds)", "steps": 4, "tolerance": 0.005,
+        "factors": [{"name": "kv_quant=int8", "describe": "+kv_quant=int8", "load_time": False},
+                    {"name": "dtype", "describe": "dtype: float32 -> bfloat16", "load_time": True}],
+        "culprits": ["kv_quant=int8"],
+        "alone": {"kv_quant=int8": {**outcome, "run": 2, "diverges": True, "first_divergence": TALK, "max_rel_l2": 0.0123456789},
+                  "dtype": {**outcome, "run": 3, "diverges": False, "max_rel_l2": 0.000123456789}},
+        "removed": {},
+        "proof": {"culprits_alone": {**outcome, "run": 5, "diverges": True, "first_divergence": TALK, "max_rel_l2": 0.01},
+                  "candidate_without": None, "candidate_without_is_reference": True, "holds": True},
+        "layers": [{"factor": "kv_quant=int8", "first_layer": {"component": "talker", "layer": 3}, "note": "first matters at talker layer 3",
+                    "runs": [{"run": 7}, {"run": 8}]}],
+        "counts": {"runs": 9, "reference_runs": 1, "loads": 2, "seconds": 7.04},
+    }
+    (tmp_path / "bisect.json").write_text(json.dumps({"bisect": result}))
+    text = html.render(summary([_prompt("p0", TALK, False, 0.9, [])]), tmp_path)
+    section = text[text.index('id="bisect"'):text.index('id="details"')]
+    assert "culprit: kv_quant=int8 (proof holds)" in section and 'id="bisect-settings"' in section
+    assert "diverges at talk s1 L0 (0.0035) · run 2" in section and "within tolerance (max 0.00012) · run 3" in section
+    assert "talker layer 3" in section and "7, 8" in section
+    assert "0.123456789" not in section and "{&#34;" not in section  # no raw JSON, no 15-digit floats
+    why = text[text.index('id="why"'):text.index('id="matters"')]
+    assert "kv_quant=int8" in why and "run 5" in why and "reference itself" in why
