@@ -103,8 +103,8 @@ def test_console_fits_80_columns_with_hints_audio_and_closing_line():
     assert max(len(line) for line in lines) <= 80, text
     row = next(line for line in lines if line.startswith("p000"))
     assert "pred f0.s10 L1" in row and "pass !" in row and "2.3%" in row and "0.031 tie" in row
-    assert any(line.startswith("p001 hint: the single-token decode path differs") for line in lines)
-    assert not any(line.startswith("p000 hint") for line in lines)  # hints only under failing prompts
+    assert any(line.startswith("p001: hint: the single-token decode path differs") for line in lines)
+    assert not any(line.startswith("p000: hint") for line in lines)  # hints only under failing prompts
     assert any(line.startswith("audio: ΔMOS -0.100") for line in lines)
     assert "reference: reference" not in text
     assert "1 failed, 2 passed in 24 s" in lines[-1]

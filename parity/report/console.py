@@ -73,7 +73,8 @@ def print_summary(summary: dict, console: Console, seconds: float | None = None,
                 verdict.append(" !", "bold yellow")
         else:
             verdict = Text("FAIL ", "red").append(",".join(g["name"] for g in p.get("gates", []) if not g["passed"]))
-        margin = "-" if not flip else _num(flip.get("cand_margin")) + (" tie" if flip.get("near_tie") else " real")
+        label = (flip or {}).get("label") or ("tie" if (flip or {}).get("near_tie") else "real")
+        margin = "-" if not flip else f"{_num(flip.get('cand_margin'))} {label}"
         table.add_row(p["id"], short_where(first) if first else "none",
                       _num(first["rel_l2"] if first else c.get("max_rel_l2")), short_where(flip) if flip else "none",
                       margin, _num(agreement, ".1%"), verdict)
@@ -89,7 +90,7 @@ def print_summary(summary: dict, console: Console, seconds: float | None = None,
                   "L<layer> · flip: first teacher-forced token flip; margin: its logit margin, tie = within 3x the "
                   "logit noise · agree: free-running codes equal", style="dim", markup=False, highlight=False)
     for pid, text in notes:
-        console.print(f"{pid} hint: {text}", markup=False, highlight=False)
+        console.print(f"{pid}: hint: {text}", markup=False, highlight=False)
     o = overview(summary, bisect)
     if o.where:
         console.print("where: " + "; ".join(f"{n}/{o.ran} at {place}" for place, n in o.where_short[:3])

@@ -141,9 +141,11 @@ def overview(summary: dict, bisect: dict | None = None) -> Overview:
     flips = [(p.get("comparison") or {}).get("first_flip") for p in ok]
     flips = [f for f in flips if f]
     if flips:
-        ties = sum(bool(f.get("near_tie")) for f in flips)
-        o.flips = (f"{len(flips)}/{len(ok)} prompts have a teacher-forced token flip: {ties} near-ties "
-                   f"(the reference itself was nearly undecided), {len(flips) - ties} real")
+        labels = Counter(f.get("label") or ("tie" if f.get("near_tie") else "real") for f in flips)
+        words = {"tie": "near-ties (the reference itself was nearly undecided)", "real": "real",
+                 "sampler": "the sampler's doing (not what the reference's sampler picks from the same logits)"}
+        o.flips = (f"{len(flips)}/{len(ok)} prompts have a teacher-forced token flip: "
+                   + ", ".join(f"{n} {words.get(k, k)}" for k, n in labels.most_common()))
 
     agreements = [(p["id"], (p.get("comparison") or {}).get("free_run", {}).get("agreement")) for p in ok]
     values = [a for _, a in agreements if isinstance(a, (int, float))]
