@@ -60,7 +60,8 @@ def comparable(s: dict) -> dict:
 
 def one_line(stderr: str) -> str:
     assert "Traceback" not in stderr, stderr
-    lines = stderr.strip("\n").splitlines()
+    # Off a terminal, progress is logged to stderr as "parity: [  12.3 s] ..." lines; the error is one line.
+    lines = [ln for ln in stderr.strip("\n").splitlines() if not ln.startswith("parity: [")]
     assert len(lines) == 1, stderr
     return lines[0]
 

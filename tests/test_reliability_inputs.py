@@ -167,7 +167,7 @@ def _setup(case: Case, tmp_path: Path, broken: dict) -> list[str]:
 def _check(case: Case, code, stderr: str, tmp_path: Path) -> None:
     assert "Traceback" not in stderr, stderr
     assert code == 2, (code, stderr)
-    lines = stderr.strip("\n").splitlines()
+    lines = [ln for ln in stderr.strip("\n").splitlines() if not ln.startswith("parity: [")]  # progress log lines
     assert len(lines) == 1, stderr
     assert lines[0].startswith("parity: error: "), stderr
     assert case.needle in lines[0], (case.needle, lines[0])

@@ -139,7 +139,7 @@ def bisected_run(tmp_path_factory, tiny_dir):
     assert proc.returncode in (0, 1), proc.stderr
     run_json = proc.stdout
     proc = parity("bisect", "recipes/prompts/smoke.txt", "--recipe", "recipes/bisect-smoke.toml", "--steps", "2",
-                  "--out", str(out))
+                  "--out", str(out), "--json")
     assert proc.returncode in (0, 1), proc.stderr
     return out, run_json, proc
 
@@ -165,7 +165,8 @@ def test_run_json_is_the_summary_on_stdout(bisected_run):
 
 def test_bisect_lands_in_the_report_in_one_step(bisected_run):
     out, _, proc = bisected_run
-    assert "added it to" in proc.stdout
+    data = json.loads(proc.stdout)  # --json: the bisect result and where it went
+    assert data["report"] == str(out / "report.html") and "kv_quant" in data["bisect"]["verdict"]
     text = (out / "report.html").read_text(encoding="utf-8")
     verdict = text[text.index('id="bisect-verdict"'):]
     assert "kv_quant" in verdict[:400]
