@@ -146,12 +146,13 @@ class Outcome:
         return f"parity (max rel L2 {_fmt(self.max_rel_l2)})"
 
     def short(self) -> str:
-        """Table cell: 'diverges: talker 0 layer0, 0.012' / 'parity, max 3e-4' (run number after)."""
+        """Table cell: 'diverges talk s0 L0 0.012 #3' / 'parity, max 3e-4 #5' (#: the run number)."""
+        from parity.report.overview import short_where
+
         if self.diverges and self.first_divergence:
             d = self.first_divergence
-            at = f"{d['step']}" + (f".{d['substep']}" if d["component"] == "predictor" else "")
-            return f"diverges: {d['component']} {at} {d['point']}, {_fmt(d['rel_l2'])} (run {self.run})"
-        return f"parity, max {_fmt(self.max_rel_l2)} (run {self.run})"
+            return f"diverges {short_where(d)} {_fmt(d['rel_l2'])} #{self.run}"
+        return f"parity, max {_fmt(self.max_rel_l2)} #{self.run}"
 
 
 def _fmt(v) -> str:
@@ -469,24 +470,25 @@ def render(result: dict, console) -> None:
         return
     ref, cand = Side(**{**result["reference"], "variants": tuple(result["reference"]["variants"])}), \
         Side(**{**result["candidate"], "variants": tuple(result["candidate"]["variants"])})
-    table = Table(
-        title=f"parity bisect: {ref.label()} vs {cand.label()}",
-        caption=f"{result['steps']} teacher-forced frames, tolerance rel L2 {result['tolerance']:g}; "
-        f"{c['runs']} runs (+{c['reference_runs']} reference), {c['loads']} model loads, {c['seconds']:.1f} s; "
-        "reload: the setting needs the model loaded again (engine, dtype, device)",
-    )
-    for col in ("setting", "reload", "alone on the reference", "removed from the candidate", "culprit"):
+    from rich import box
+
+    console.print(f"reference  {ref.label()}\ncandidate  {cand.label()}", markup=False, highlight=False)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+    for col in ("setting", "reload", "alone on the ref.", "removed from cand.", "culprit"):
         table.add_column(col, overflow="fold")
     culprits = set(result.get("culprits", []))
     for f in result["factors"]:
         alone = result.get("alone", {}).get(f["name"])
         removed = result.get("removed", {}).get(f["name"])
         table.add_row(
-            f["describe"], "yes" if f["load_time"] else "",
+            f["describe"].replace(" -> ", "→"), "yes" if f["load_time"] else "",
             _cell(alone, bad_if=True), _cell(removed, bad_if=True),
             "[red]yes[/]" if f["name"] in culprits else "",
         )
     console.print(table)
+    console.print(f"{result['steps']} teacher-forced frames, tolerance rel L2 {result['tolerance']:g}; {c['runs']} runs "
+                  f"(+{c['reference_runs']} reference), {c['loads']} model loads, {c['seconds']:.1f} s; #n: run number; "
+                  "reload: needs the model loaded again (engine, dtype, device)", style="dim", markup=False, highlight=False)
     console.print(f"candidate: {_text(result['candidate_run'])}")
     for hint in result["candidate_run"].get("hints", []):
         console.print(f"  {hint}", markup=False, highlight=False)

@@ -74,7 +74,7 @@ def main() -> None:
                 print(f"skip {name}: no {crop_sel}")
                 continue
             l, t, r, b = box
-            l, t, r, b = max(0, l - 40), max(0, t - 12), min(WIDTH, r + 12), min(page.height, b + 12)
+            l, t, r, b = max(0, l - 12), max(0, t - 12), min(WIDTH, r + 44), min(page.height, b + 12)
             img = page.crop((int(l), int(t), int(r), int(b))).copy()
             draw = ImageDraw.Draw(img)
             for number, sel in marks:
@@ -83,7 +83,7 @@ def main() -> None:
                     continue
                 ml, mt, mr, mb = m[0] - l - 3, m[1] - t - 3, m[2] - l + 3, m[3] - t + 3
                 draw.rectangle((ml, mt, mr, mb), outline=PINK, width=3)
-                cx, cy = max(14, ml - 16), max(14, mt + 12)
+                cx, cy = min(img.width - 14, mr + 17), max(14, mt + 12)  # right of the box
                 draw.ellipse((cx - 13, cy - 13, cx + 13, cy + 13), fill=PINK)
                 draw.text((cx, cy), str(number), fill="white", font=font, anchor="mm")
             img.save(a.out_dir / name, optimize=True)

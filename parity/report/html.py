@@ -155,7 +155,7 @@ def bisect_view(result: dict | None) -> dict | None:
         return {"text": f"{text} · run {o.get('run', '-')}", "cls": "fail" if o.get("diverges") else "pass"}
 
     culprits = set(result.get("culprits") or [])
-    rows = [{"setting": f.get("describe") or f.get("name"), "reload": "yes" if f.get("load_time") else "no",
+    rows = [{"setting": str(f.get("describe") or f.get("name")).replace(" -> ", " → "), "reload": "yes" if f.get("load_time") else "no",
              "alone": cell((result.get("alone") or {}).get(f.get("name"))),
              "removed": cell((result.get("removed") or {}).get(f.get("name"))),
              "culprit": f.get("name") in culprits} for f in result.get("factors") or [] if isinstance(f, dict)]
