@@ -29,14 +29,6 @@ class Progress:
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
-    def note(self, text: str) -> None:
-        """A one-off event line (a phase starting, a model loading)."""
-        if self.quiet:
-            return
-        self._clear()
-        self.stream.write(f"parity: [{self.elapsed():7.1f} s] {text}\n")
-        self.stream.flush()
-
     def __call__(self, phase: str, done: int, total: int, prompt: str | None = None) -> None:
         if self.quiet:
             return
