@@ -142,7 +142,7 @@ def bisect_view(result: dict | None) -> dict | None:
     plain tables: one row per setting, one per layer bisect."""
     if not isinstance(result, dict):
         return None
-    from parity.report.overview import _bisect_why
+    from parity.report.overview import bisect_why
 
     def cell(o: dict | None) -> dict:
         if not isinstance(o, dict):
@@ -163,7 +163,7 @@ def bisect_view(result: dict | None) -> dict | None:
                else f"{(e.get('first_layer') or {}).get('component')} layer {(e.get('first_layer') or {}).get('layer')}",
                "note": e.get("note"), "runs": ", ".join(str(r.get("run")) for r in e.get("runs") or [])}
               for e in result.get("layers") or [] if isinstance(e, dict)]
-    verdict, evidence = _bisect_why(result) if result.get("verdict") else ("bisect: no verdict", [])
+    verdict, evidence = bisect_why(result) if result.get("verdict") else ("bisect: no verdict", [])
     counts = result.get("counts") or {}
     facts = []
     if result.get("steps") is not None:

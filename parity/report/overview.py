@@ -84,7 +84,7 @@ def _pct(v: float) -> str:
     return f"{v:.1%}"
 
 
-def _bisect_why(bisect: dict) -> tuple[str, list[str]]:
+def bisect_why(bisect: dict) -> tuple[str, list[str]]:
     """The bisect verdict and the runs that prove it."""
     from parity.bisect import Outcome
 
@@ -121,7 +121,7 @@ def overview(summary: dict, bisect: dict | None = None) -> Overview:
     o.where_short = short.most_common()
 
     if bisect and bisect.get("verdict"):
-        o.why, o.why_evidence = _bisect_why(bisect)
+        o.why, o.why_evidence = bisect_why(bisect)
         o.why_source = "bisect"
     else:
         counted: Counter = Counter()
