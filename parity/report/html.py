@@ -19,7 +19,7 @@ from jinja2 import Environment, PackageLoader
 from parity.audio_align import CODEC_FRAME_RATE
 from parity.gates import where
 from parity.report import audio, plots, rundata
-from parity.report.overview import hints_of, mos_scorer, overview, short_where
+from parity.report.overview import bisect_why, hints_of, mos_scorer, overview, short_where
 from parity.report.step_summary import gate_table, write_step_summary
 
 SIZE_LIMIT = 5_000_000  # bytes of report.html (issue: <= 5 MB for 18 prompts x 500 frames)
@@ -142,8 +142,6 @@ def bisect_view(result: dict | None) -> dict | None:
     plain tables: one row per setting, one per layer bisect."""
     if not isinstance(result, dict):
         return None
-    from parity.report.overview import bisect_why
-
     def cell(o: dict | None) -> dict:
         if not isinstance(o, dict):
             return {"text": "-", "cls": ""}
