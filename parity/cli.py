@@ -75,6 +75,10 @@ def _recipe(recipe_path, model, sets, max_frames=None, device=None, mos=None, ut
     if model:
         overrides.append(("model", model))
     if max_frames is not None:
+        if not 1 <= max_frames <= 100000:  # the recipe's own bound, named by the option the user typed
+            from parity.errors import BadInput
+
+            raise BadInput(f"--max-frames must be between 1 and 100000, got {max_frames}")
         overrides.append(("decoding.max_frames", max_frames))
     if device:
         overrides += [("reference.device", device), ("candidate.device", device)]
@@ -100,7 +104,7 @@ def run(
     model: ModelOpt = None,
     out: OutOpt = None,
     set_: SetOpt = None,
-    max_frames: Annotated[Optional[int], typer.Option("--max-frames", min=1, help="Frames to decode at most (>= 1).")] = None,
+    max_frames: Annotated[Optional[int], typer.Option("--max-frames", help="Frames to decode at most (1-100000).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda for both sides.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty --out.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
@@ -119,7 +123,8 @@ def run(
 
     level = _verbosity(verbose, quiet)
     mistakes.check_prompts_not_recipe(prompts)  # the cheap checks first: nothing heavy is imported yet
-    mistakes.check_resume_target(out, resume)
+    if not force:  # --force with --resume is refused by the run with its own message
+        mistakes.check_resume_target(out, resume)
     require_stack()  # before anything imports qwen_tts: a broken install is one line, exit 2
     rec = _recipe(recipe, model, set_, max_frames, device, mos, utmos_checkpoint)
     mistakes.check_cuda({"reference": rec.reference, "candidate": rec.candidate, "truth": rec.truth})

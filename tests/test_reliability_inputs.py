@@ -124,7 +124,7 @@ CASES = [
     Case("recipe-not-utf8", run_args("p.txt", "--recipe", "{d}/r.toml"), "not UTF-8", files={"r.toml": b'name = "\xff"\n'}),
     Case("set-tolerances-not-table", run_args("p.txt", "--set", "tolerances=5"), "tolerances"),
     Case("set-huge-static-cache", run_args("p.txt", "--set", "candidate.cache=static:99999999999"), "'static:N' with 0 < N <= 1048576"),
-    Case("max-frames-zero", run_args("p.txt", "--max-frames", "0"), "max_frames must be between 1 and 100000"),
+    Case("max-frames-zero", run_args("p.txt", "--max-frames", "0"), "--max-frames must be between 1 and 100000"),
     # names
     Case("unknown-engine", run_args("p.txt", "--set", "candidate.engine=fastest"), "unknown engine 'fastest'; available: reference, faster"),
     Case("unknown-variant", run_args("p.txt", "--set", "candidate.variants=warp_drive"), "unknown variant 'warp_drive'; available:"),
