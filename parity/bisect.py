@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable
 from parity.errors import BadInput
 from parity.recipe import Recipe, Side
 
-FIELDS = ("engine", "dtype", "device", "attention", "cache", "tf32")
+FIELDS = ("engine", "dtype", "device", "attention", "cache", "tf32", "batch")
 LOAD_FIELDS = ("engine", "dtype", "device")  # need a freshly loaded model; the rest change in place
 
 
@@ -207,9 +207,14 @@ class Runner:
         engine = self._engine(side)
         out = Outcome(self.runs, purpose, factors, side.label(), False, layers=layers)
         worst = 0.0
+        batched = None
+        if side.batch > 1:  # every prompt as a row of a batch, forced on its own batch-1 reference
+            from parity.batching import run_batched
+
+            batched = run_batched(engine, self.prompts, self.decoding, side.batch, forces=self.reference_traces)
         for p in self.prompts:
             ref = self.reference_traces[p.id]
-            cand = engine.run(p, self.decoding, force=ref)
+            cand = batched[p.id] if batched is not None else engine.run(p, self.decoding, force=ref)
             points = compare.point_frame(cand, ref, self.tol)
             summary = compare.summarize(points, cand, ref, None, self.tol)
             m = summary["max_rel_l2"]  # a float, "inf" or None (nothing compared)
@@ -416,6 +421,9 @@ def bisect(prompts_path: Path, recipe: Recipe, factors: list[str] | None, steps:
     if steps < 1:
         raise BadInput(f"--steps must be at least 1, got {steps}")
     prompts = load_prompts(prompts_path)
+    from parity.refclip import check_prompts
+
+    check_prompts(prompts, None, prompts_path)
     chosen, held = find_factors(recipe.reference, recipe.candidate, factors)
     result: dict[str, Any] = {
         "prompts": [p.id for p in prompts], "steps": steps, "tolerance": recipe.tolerance(),

@@ -87,10 +87,18 @@ def side_limit(side: Side, config: dict) -> tuple[int, str]:
     return 1 << 62, "no limit"
 
 
-def prefill_lower_bound(tokenizer, prompt: Prompt, config: dict) -> int:
+def prefill_lower_bound(tokenizer, prompt: Prompt, config: dict, clip=None) -> int:
     """Positions the prompt's prefill takes at least: the chat-wrapped text (and instruct, where the
-    model uses it) as ``qwen_tts`` tokenizes them; codec prefix and voice references come on top."""
+    model uses it) as ``qwen_tts`` tokenizes them, plus a voice-clone reference clip's positions
+    (``clip``: its :class:`parity.refclip.ClipInfo`); the codec prefix comes on top."""
+    from parity.refclip import extra_prefill_positions
+
     n = len(tokenizer(f"<|im_start|>assistant\n{prompt.text}<|im_end|>\n<|im_start|>assistant\n")["input_ids"])
+    if clip is not None and prompt.ref_text:
+        ref_tokens = len(tokenizer(f"<|im_start|>assistant\n{prompt.ref_text}<|im_end|>\n")["input_ids"]) - 5
+        n += extra_prefill_positions(prompt, clip, max(ref_tokens, 0))
+    elif clip is not None:
+        n += extra_prefill_positions(prompt, clip)
     kind, size = config.get("tts_model_type"), str(config.get("tts_model_size"))
     uses_instruct = kind == "voice_design" or (kind == "custom_voice" and size not in "0b6")  # as qwen_tts
     if prompt.instruct and uses_instruct:
@@ -98,7 +106,8 @@ def prefill_lower_bound(tokenizer, prompt: Prompt, config: dict) -> int:
     return n
 
 
-def check_fit(prompts: Iterable[Prompt], directory: Path, config: dict, recipe: Recipe, path: Path | None) -> None:
+def check_fit(prompts: Iterable[Prompt], directory: Path, config: dict, recipe: Recipe, path: Path | None,
+              clips: dict | None = None) -> None:
     """Refuse the first prompt that cannot fit a side's sequence limit (tokenizer only, no model)."""
     from transformers import AutoTokenizer
 
@@ -110,7 +119,7 @@ def check_fit(prompts: Iterable[Prompt], directory: Path, config: dict, recipe: 
     frames = recipe.decoding.max_frames
     limits = [(role, *side_limit(side, config)) for role, side in (("reference", recipe.reference), ("candidate", recipe.candidate))]
     for prompt in prompts:
-        need = prefill_lower_bound(tokenizer, prompt, config) + frames + 1
+        need = prefill_lower_bound(tokenizer, prompt, config, (clips or {}).get(prompt.id)) + frames + 1
         for role, limit, why in limits:
             if need > limit:
                 where = f"{path}:{prompt.line}" if path else f"line {prompt.line}"
@@ -203,7 +212,10 @@ def preflight(prompts: list[Prompt], recipe: Recipe, model_dir: Path | str, prom
     config = read_config(directory)
     speakers, languages = speakers_and_languages(config)
     validate_choices(prompts, speakers, languages, prompts_path)
-    check_fit(prompts, directory, config, recipe, prompts_path)
+    from parity.refclip import check_prompts
+
+    clips = check_prompts(prompts, config.get("tts_model_type"), prompts_path)
+    check_fit(prompts, directory, config, recipe, prompts_path, clips)
     check_checkpoint(directory, config)
     return True
 

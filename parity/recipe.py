@@ -43,6 +43,8 @@ class Side:
     device: str = "auto"
     # Divergence sources applied on top (parity.variants), e.g. ("rmsnorm_lowp@talker:0-4", "kv_quant=fp8").
     variants: tuple[str, ...] = ()
+    # Decode each prompt as one row of a left-padded batch of N prompts of the file (parity.batching).
+    batch: int = 1
 
     @property
     def static_len(self) -> int | None:
@@ -50,7 +52,7 @@ class Side:
 
     def label(self) -> str:
         return (f"{self.engine} {self.dtype}/{self.attention}/{self.cache}" + ("/tf32" if self.tf32 else "")
-                + "".join(f" +{v}" for v in self.variants))
+                + (f"/batch{self.batch}" if self.batch > 1 else "") + "".join(f" +{v}" for v in self.variants))
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,13 @@ def _validate_side(where: str, side: Side) -> Side:
         raise BadInput(f"{where}: device {side.device!r} is not one of {', '.join(DEVICES)}")
     if side.cache != "dynamic" and not (re.fullmatch(r"static:[1-9][0-9]{0,6}", side.cache) and side.static_len <= MAX_STATIC_LEN):
         raise BadInput(f"{where}: cache {side.cache!r} must be 'dynamic' or 'static:N' with 0 < N <= {MAX_STATIC_LEN} (e.g. static:2048)")
+    from parity.batching import MAX_BATCH
+
+    if not 1 <= side.batch <= MAX_BATCH:
+        raise BadInput(f"{where}: batch must be between 1 and {MAX_BATCH}, got {side.batch}")
+    if side.batch > 1 and side.engine != "reference":
+        raise BadInput(f"{where}: batch = {side.batch} needs the reference engine (the {side.engine} engine decodes one "
+                       "prompt at a time); set batch = 1 or engine = \"reference\"")
     if not side.variants:
         return side
     from parity.variants import parse_all
@@ -188,6 +197,11 @@ def validate(recipe: Recipe, where: str) -> Recipe:
         candidate=_validate_side(f"{where} [candidate]", recipe.candidate),
         truth=None if recipe.truth is None else _validate_side(f"{where} [truth]", recipe.truth),
     )
+    for role in ("reference", "truth"):
+        side = getattr(recipe, role)
+        if side is not None and side.batch != 1:
+            raise BadInput(f"{where} [{role}]: batch must be 1 on the {role} side (rows are compared against the batch-1 "
+                           "reference); set batch on [candidate]")
     if not 0 <= recipe.model_seed <= MAX_SEED:
         raise BadInput(f"{where}: model_seed must be between 0 and 2**63-1, got {recipe.model_seed}")
     d = recipe.decoding

@@ -287,6 +287,9 @@ class Run:
         """
         fault = parse_fault(os.environ.get(FAULT_ENV))
         prompts = load_prompts(self.prompts_path)
+        from parity.refclip import check_prompts
+
+        check_prompts(prompts, None, self.prompts_path)  # reference clips, before anything else (again with the model type in preflight)
         previous = check_out_dir(self.out, force, resume)
         model_dir = resolve_model(self.recipe.model, self.recipe.model_seed)
         meta = {
@@ -381,13 +384,18 @@ class Run:
             meta["sides"]["candidate"] = engine.describe()
             write_json(self.out / "run.json", meta)
             try:
+                batched = self._run_batched(engine, done, ref_traces)
                 for i, p in enumerate(done):
                     ref = ref_traces.pop(p.id)
                     t0 = time.perf_counter()
                     try:
-                        forced = engine.run(p, self.recipe.decoding, force=ref)
+                        if batched is not None:  # decoded above, as rows of batches
+                            forced, free = batched["forced"][p.id], batched["free"][p.id]
+                        else:
+                            forced = engine.run(p, self.recipe.decoding, force=ref)
                         t1 = time.perf_counter()
-                        free = engine.run(p, self.recipe.decoding, record=False)
+                        if batched is None:
+                            free = engine.run(p, self.recipe.decoding, record=False)
                     except BadInput as e:
                         raise self._at(p, e) from None
                     t2 = time.perf_counter()
@@ -397,13 +405,40 @@ class Run:
                     forced.save(self.out / "traces", f"{p.id}.candidate.forced", tokens_only=self.recipe.traces == "tokens")
                     free.save(self.out / "traces", f"{p.id}.candidate.free")
                     write_wav(self.out / "audio" / f"{p.id}.candidate.wav", wav, sr)
-                    self._finish_prompt(p, ref, forced, free, {"reference_s": ref.meta["seconds"], "forced_s": t1 - t0, "free_s": t2 - t1},
-                                        truth_traces.pop(p.id, None), ref_audio.pop(p.id), cand_audio)
+                    timing = batched["timing"] if batched is not None else {"forced_s": t1 - t0, "free_s": t2 - t1}
+                    self._finish_prompt(p, ref, forced, free, {"reference_s": ref.meta["seconds"], **timing},
+                                        truth_traces.pop(p.id, None), ref_audio.pop(p.id), cand_audio,
+                                        batch_other=batched["other"].get(p.id) if batched is not None else None)
                     self.progress("candidate", i + 1, len(done))
             finally:
                 self._release(engine, "candidate")
         if ref_failure is not None:
             raise ref_failure
+
+    def _run_batched(self, engine: Engine, prompts: list[Prompt], ref_traces: dict[str, Trace]) -> dict | None:
+        """With ``batch = N`` on the candidate: every prompt as a row of a batch of N, teacher-forced
+        on its own batch-1 reference trace, once more in a second arrangement (other position and
+        batch-mates: does the row depend on them?), and free-running. None without batching."""
+        from parity import batching
+
+        size = self.recipe.candidate.batch
+        if size <= 1:
+            return None
+        decoding = self.recipe.decoding
+        forces = {p.id: ref_traces[p.id] for p in prompts}
+        t0 = time.perf_counter()
+        try:
+            forced = batching.run_batched(engine, prompts, decoding, size, forces=forces)
+            t1 = time.perf_counter()
+            other = batching.run_batched(engine, prompts, decoding, size, forces=forces, second=True)
+            t2 = time.perf_counter()
+            free = batching.run_batched(engine, prompts, decoding, size, record=False)
+        except BadInput as e:
+            raise BadInput(f"{self.prompts_path}: batch = {size}: {e}") from None
+        t3 = time.perf_counter()
+        n = max(len(prompts), 1)
+        timing = {"forced_s": (t1 - t0) / n, "second_arrangement_s": (t2 - t1) / n, "free_s": (t3 - t2) / n, "per_prompt_share_of_batches": True}
+        return {"forced": forced, "other": other, "free": free, "timing": timing}
 
     def _extra_seeds(self, engine: Engine, p: Prompt, role: str) -> list[tuple[np.ndarray, int]]:
         """Free-running audio for seeds decoding.seed + 1 .. + (mos.seeds - 1), when sampling
@@ -467,10 +502,18 @@ class Run:
 
     def _finish_prompt(self, p: Prompt, ref: Trace, forced: Trace, free: Trace, timing: dict, truth: Trace | None = None,
                        ref_audio: list[tuple[np.ndarray, int]] | None = None,
-                       cand_audio: list[tuple[np.ndarray, int]] | None = None) -> None:
+                       cand_audio: list[tuple[np.ndarray, int]] | None = None, batch_other: Trace | None = None) -> None:
+        from parity import batching, refclip
+
         points = compare.point_frame(forced, ref, self.tol)
         points.drop(columns=["finite"]).to_csv(self.out / "points" / f"{p.id}.csv.gz", index=False)
         comparison = compare.summarize(points, forced, ref, free, self.tol)
+        # Voice cloning: both sides encoded the reference clip; batching: where this row sat.
+        comparison["reference_clip"] = refclip.compare_encoding(forced, ref)
+        hint = refclip.encoding_hint(comparison["reference_clip"], self.tol)
+        if hint is not None:
+            comparison.setdefault("hints", []).insert(0, hint)
+        comparison["batch"] = batching.row_report(forced, ref, batch_other, comparison)
         if truth is not None:  # which side is further from the truth: "different" vs "worse"
             comparison["truth"] = compare.compare_truth(forced, ref, truth, self.tol)
         # compare.py flags NaN/inf on the candidate's hidden states; the reference's and both
@@ -524,6 +567,11 @@ class Run:
             "passed": failure is None and len(ran) == len(results) and all(r["passed"] for r in ran),
             "peak_memory": getattr(self, "peak", {}),
         }
+        from parity.batching import summarize_rows
+
+        batch = summarize_rows(results)
+        if batch is not None:
+            summary["batch"] = batch
         write_json(self.out / "summary.json", summary)
         junit.write(summary, self.out / "junit.xml")
         html.write(summary, self.out, self.out / "report.html")

@@ -7,7 +7,9 @@ Layout (S talker steps, F frames, L talker layers, P predictor layers; S == F + 
 - frame s's codes 1..15 come from the 15 code-predictor sub-steps of frame s (sub-step 0 is the
   2-token prefill [talker hidden, codebook-0 embedding]);
 - hidden points are ``embed`` (the input of layer 0) followed by each decoder layer's output, all
-  at the last position.
+  at the last position;
+- voice cloning: ``ref_codes`` [T, 16] is the reference clip as the engine's codec encoder coded
+  it (ICL mode; empty otherwise) and ``ref_speaker`` [D] its speaker embedding (empty without a clip).
 
 Tensors are saved with safetensors (never pickle); the rest goes into a small JSON file.
 """
@@ -26,6 +28,7 @@ TENSOR_FIELDS = (
     "talker_hidden", "talker_logits", "talker_tokens", "talker_choice",
     "codes", "pred_hidden", "pred_logits", "pred_choice",
 )
+CLIP_FIELDS = ("ref_codes", "ref_speaker")  # the reference clip's encoding (voice cloning); small, always kept
 
 FLOAT_FIELDS = ("talker_hidden", "talker_logits", "pred_hidden", "pred_logits")
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,6 +56,8 @@ class Trace:
     pred_logits: torch.Tensor  # [F, 15, Vp] float32
     pred_choice: torch.Tensor  # [F, 15] long, the engine's own choices
     meta: dict = field(default_factory=dict)
+    ref_codes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 16, dtype=torch.long))  # [T, 16]
+    ref_speaker: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [D] float32
 
     @property
     def n_frames(self) -> int:
@@ -82,6 +87,8 @@ class Trace:
             if k in FLOAT_FIELDS:
                 t = torch.zeros(0) if tokens_only else _narrow(t, storage)
             tensors[k] = t.contiguous()
+        for k in CLIP_FIELDS:
+            tensors[k] = getattr(self, k).contiguous()
         tmp = directory / f".{name}.safetensors.tmp"
         save_file(tensors, str(tmp))
         os.replace(tmp, directory / f"{name}.safetensors")
@@ -96,4 +103,5 @@ class Trace:
         directory = Path(directory)
         tensors = load_file(str(directory / f"{name}.safetensors"))
         meta = json.loads((directory / f"{name}.json").read_text())
-        return cls(**{k: tensors[k].float() if k in FLOAT_FIELDS else tensors[k] for k in TENSOR_FIELDS}, meta=meta)
+        clip = {k: tensors[k] for k in CLIP_FIELDS if k in tensors}  # traces written before voice cloning lack them
+        return cls(**{k: tensors[k].float() if k in FLOAT_FIELDS else tensors[k] for k in TENSOR_FIELDS}, meta=meta, **clip)

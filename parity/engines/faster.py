@@ -30,6 +30,7 @@ from parity.engines.reference import TORCH_DTYPES, default_speaker, import_qwen_
 from parity.errors import BadInput
 from parity.prompts import Prompt
 from parity.recipe import Decoding, Side
+from parity.refclip import resolve as resolve_clip
 from parity.trace import FLOAT_FIELDS, Trace
 from parity.variants import apply_variants, engine_settings
 
@@ -194,6 +195,7 @@ class FasterEngine(Engine):
         self.tts = None
         self.taps: GraphTaps | None = None
         self._captured_for: tuple | None = None
+        self.clip: dict | None = None  # the last voice-clone prompt's clip encoding
 
     # -- lifecycle ---------------------------------------------------------------------
     def load(self) -> None:
@@ -279,14 +281,53 @@ class FasterEngine(Engine):
         return int(self._prepare(prompt)[3].shape[1])
 
     def _prepare(self, prompt: Prompt):
+        """The engine's own prompt builder for the model type, with each method's own default text
+        layout (custom voice and voice design: whole text in the prefill; voice clone: streamed).
+        For a voice-clone prompt the engine encodes the clip itself; its codes and speaker
+        embedding are kept in ``self.clip`` for the trace."""
         kind = self.tts.model.model.tts_model_type
-        if kind != "custom_voice":
-            raise BadInput(f"the faster engine adapter supports custom_voice models; this checkpoint is '{kind}'")
         self.tts._warmed_up = True  # capture is ours to schedule (after taps and sampling are set)
-        return self.tts._prepare_generation_custom(
-            text=prompt.text, language=prompt.language or "auto", speaker=self._speaker(prompt),
-            instruct=prompt.instruct, non_streaming_mode=True,
-        )
+        self.clip = None
+        language = prompt.language or "auto"
+        if kind == "custom_voice":
+            return self.tts._prepare_generation_custom(
+                text=prompt.text, language=language, speaker=self._speaker(prompt),
+                instruct=prompt.instruct, non_streaming_mode=True,
+            )
+        if kind == "voice_design":
+            return self.tts._prepare_generation_custom(
+                text=prompt.text, language=language, speaker=None, instruct=prompt.instruct, non_streaming_mode=True,
+            )
+        if kind != "base":
+            raise BadInput(f"the faster engine adapter supports custom_voice, voice_design and base models; this checkpoint is '{kind}'")
+        if not prompt.ref_audio:
+            raise BadInput(f"prompt {prompt.id} (line {prompt.line}): a base (voice-clone) model needs ref_audio in the prompt")
+        wrapper = self.tts.model
+        package_clip_prompt = wrapper.create_voice_clone_prompt
+        items: list = []
+
+        def keep_clip(*args, **kwargs):
+            out = package_clip_prompt(*args, **kwargs)
+            items.extend(out)
+            return out
+
+        # The engine caches encoded clips by path; clear it so every run encodes (and records) its clip.
+        self.tts._voice_prompt_cache.clear()
+        wrapper.create_voice_clone_prompt = keep_clip
+        try:
+            # append_silence=False: the engine's default pads ICL clips with 0.5 s of silence, which
+            # the reference does not; both sides must encode the same clip.
+            m, talker, config, tie, tam, tth, tpe, _ref_codes = self.tts._prepare_generation(
+                text=prompt.text, ref_audio=str(resolve_clip(prompt.ref_audio)), ref_text=prompt.ref_text or "",
+                language=language, xvec_only=not prompt.ref_text, non_streaming_mode=False, append_silence=False,
+            )
+        finally:
+            del wrapper.create_voice_clone_prompt
+        item = items[0]
+        self.clip = {"ref_speaker": item.ref_spk_embedding.detach().to("cpu", torch.float32)}
+        if item.ref_code is not None:
+            self.clip["ref_codes"] = item.ref_code.detach().to("cpu", torch.long)
+        return m, talker, config, tie, tam, tth, tpe
 
     # -- running -----------------------------------------------------------------------
     @torch.inference_mode()
@@ -322,7 +363,7 @@ class FasterEngine(Engine):
             "suppress_from": max(0, config.vocab_size - 1024), "timing": timing,
             "sampling": "seeded" if decoding.do_sample else "greedy",
         }
-        return Trace(codes=codes, **tensors, meta=meta)
+        return Trace(codes=codes, **tensors, meta=meta, **(self.clip or {}))
 
     @torch.inference_mode()
     def decode_audio(self, codes) -> tuple[np.ndarray, int]:
