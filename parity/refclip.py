@@ -163,6 +163,23 @@ def write_clip(path: Path | str, seconds: float = 1.5, sample_rate: int = 24000,
     return path
 
 
+def forced_item(force, own):
+    """Teacher forcing for the clip: a ``qwen_tts`` voice-clone prompt item holding the forcing
+    trace's clip encoding (codes and speaker embedding) in place of the engine's own ``own`` item,
+    on its device and dtype. The engine's own encoding is still what its trace records."""
+    from qwen_tts.inference.qwen3_tts_model import VoiceClonePromptItem
+
+    spk = own.ref_spk_embedding
+    codes = None if own.ref_code is None else force.ref_codes.to(own.ref_code.device, own.ref_code.dtype)
+    return VoiceClonePromptItem(ref_code=codes, ref_spk_embedding=force.ref_speaker.to(spk.device, spk.dtype),
+                                x_vector_only_mode=own.x_vector_only_mode, icl_mode=own.icl_mode, ref_text=own.ref_text)
+
+
+def has_clip(trace) -> bool:
+    """Whether a trace recorded a reference clip's encoding."""
+    return trace is not None and trace.ref_speaker.numel() > 0
+
+
 def compare_encoding(cand, ref) -> dict | None:
     """How the two sides encoded the reference clip (both engines run the model's codec encoder and
     speaker encoder themselves): code agreement and the speaker embedding's error. None when the

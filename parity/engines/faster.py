@@ -30,7 +30,7 @@ from parity.engines.reference import TORCH_DTYPES, default_speaker, import_qwen_
 from parity.errors import BadInput
 from parity.prompts import Prompt
 from parity.recipe import Decoding, Side
-from parity.refclip import resolve as resolve_clip
+from parity.refclip import forced_item, has_clip, resolve as resolve_clip
 from parity.trace import FLOAT_FIELDS, Trace
 from parity.variants import apply_variants, engine_settings
 
@@ -280,11 +280,12 @@ class FasterEngine(Engine):
     def prompt_length(self, prompt: Prompt) -> int:
         return int(self._prepare(prompt)[3].shape[1])
 
-    def _prepare(self, prompt: Prompt):
+    def _prepare(self, prompt: Prompt, force: Trace | None = None):
         """The engine's own prompt builder for the model type, with each method's own default text
         layout (custom voice and voice design: whole text in the prefill; voice clone: streamed).
         For a voice-clone prompt the engine encodes the clip itself; its codes and speaker
-        embedding are kept in ``self.clip`` for the trace."""
+        embedding are kept in ``self.clip`` for the trace; with a ``force`` trace that recorded a
+        clip, the prefill is built from that trace's clip encoding instead (teacher forcing)."""
         kind = self.tts.model.model.tts_model_type
         self.tts._warmed_up = True  # capture is ours to schedule (after taps and sampling are set)
         self.clip = None
@@ -321,6 +322,12 @@ class FasterEngine(Engine):
                 text=prompt.text, ref_audio=str(resolve_clip(prompt.ref_audio)), ref_text=prompt.ref_text or "",
                 language=language, xvec_only=not prompt.ref_text, non_streaming_mode=False, append_silence=False,
             )
+            if has_clip(force):  # again, on the forcing trace's clip encoding (the engine's own is in items)
+                self.tts._voice_prompt_cache.clear()
+                m, talker, config, tie, tam, tth, tpe, _ref_codes = self.tts._prepare_generation(
+                    text=prompt.text, ref_text=prompt.ref_text or "", language=language, non_streaming_mode=False,
+                    voice_clone_prompt=[forced_item(force, items[0])],
+                )
         finally:
             del wrapper.create_voice_clone_prompt
         item = items[0]
@@ -334,7 +341,7 @@ class FasterEngine(Engine):
     def run(self, prompt: Prompt, decoding: Decoding, force: Trace | None = None, record: bool = True) -> Trace:
         from faster_qwen3_tts.generate import fast_generate
 
-        m, talker, config, tie, tam, tth, tpe = self._prepare(prompt)
+        m, talker, config, tie, tam, tth, tpe = self._prepare(prompt, force)
         self._ensure_captured(decoding, tie.shape[1])
         if decoding.do_sample:
             torch.manual_seed(decoding.seed)

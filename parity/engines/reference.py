@@ -21,7 +21,7 @@ from parity.errors import BadInput
 from parity.probes import Recorder
 from parity.prompts import Prompt
 from parity.recipe import Decoding, Side
-from parity.refclip import resolve as resolve_clip
+from parity.refclip import forced_item, has_clip, resolve as resolve_clip
 from parity.sampling import Chooser, SamplingParams
 from parity.trace import FLOAT_FIELDS, Trace
 from parity.variants import Applied, Target, apply_variants, set_attention
@@ -191,11 +191,19 @@ class ReferenceEngine(Engine):
         return {**super().describe(), "device": str(self.device)}
 
     # -- prompt preparation ------------------------------------------------------------
-    def prepare(self, prompt: Prompt) -> TalkerInputs:
-        """Build the talker's prefill inputs with the package's own code path (for a voice-clone
-        prompt that includes encoding the reference clip, whose codes and embedding are kept)."""
+    def prepare(self, prompt: Prompt, force: Trace | None = None) -> TalkerInputs:
+        """Build the talker's prefill inputs with the package's own code path. For a voice-clone
+        prompt that includes encoding the reference clip (its codes and embedding are kept); with a
+        ``force`` trace that recorded a clip, the prefill is built from the forcing trace's clip
+        encoding (teacher forcing extends to the clip), while this engine's own is still kept."""
         captured: dict = {}
         clip: list = []
+        clip_items = None
+        if self.model.tts_model_type == "base" and has_clip(force) and prompt.ref_audio:
+            own = self.wrapper.create_voice_clone_prompt(
+                ref_audio=str(resolve_clip(prompt.ref_audio)), ref_text=prompt.ref_text, x_vector_only_mode=not prompt.ref_text)[0]
+            clip.append(own)
+            clip_items = [forced_item(force, own)]
 
         def intercept(**kwargs):
             captured.update(kwargs)
@@ -211,7 +219,7 @@ class ReferenceEngine(Engine):
         self.talker.generate = intercept  # instance attribute shadows the method
         self.wrapper.create_voice_clone_prompt = keep_clip
         try:
-            self._call_package_generate(prompt)
+            self._call_package_generate(prompt, clip_items)
         except _Captured:
             pass
         except (ValueError, NotImplementedError) as e:
@@ -232,8 +240,9 @@ class ReferenceEngine(Engine):
             ref_speaker=None if item is None else item.ref_spk_embedding.detach().to("cpu", torch.float32),
         )
 
-    def _call_package_generate(self, prompt: Prompt, **gen_kwargs) -> tuple[list[np.ndarray], int]:
-        """Call the package's public generate entry point that fits the model type."""
+    def _call_package_generate(self, prompt: Prompt, clip_items: list | None = None, **gen_kwargs) -> tuple[list[np.ndarray], int]:
+        """Call the package's public generate entry point that fits the model type (``clip_items``:
+        a ready voice-clone prompt to use instead of encoding the clip)."""
         w = self.wrapper
         kind = w.model.tts_model_type
         language = prompt.language or "auto"
@@ -247,6 +256,8 @@ class ReferenceEngine(Engine):
         if kind == "base":
             if not prompt.ref_audio:
                 raise BadInput(f"prompt {prompt.id} (line {prompt.line}): a base (voice-clone) model needs ref_audio in the prompt")
+            if clip_items is not None:
+                return w.generate_voice_clone(prompt.text, language=language, voice_clone_prompt=clip_items, **gen_kwargs)
             # ref_text given: ICL cloning (the clip's text and codes in the prefill); else x-vector only.
             return w.generate_voice_clone(
                 prompt.text, language=language, ref_audio=str(resolve_clip(prompt.ref_audio)), ref_text=prompt.ref_text,
@@ -281,7 +292,7 @@ class ReferenceEngine(Engine):
         """Decode ``prompts`` as one left-padded batch (one row each; a single prompt is a batch of
         one) and return one trace per row. Row b is teacher-forced on ``forces[b]`` when given."""
         forces = forces or [None] * len(prompts)
-        rows = [self.prepare(p) for p in prompts]
+        rows = [self.prepare(p, f) for p, f in zip(prompts, forces)]
         inputs, pads = left_pad(rows)
         rec = self.recorder
         rec.reset()

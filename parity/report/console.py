@@ -46,3 +46,33 @@ def print_summary(summary: dict, console: Console) -> None:
             f"{c['ref_frames']}/{c['ref_frames'] + c.get('length_diff', 0)}", verdict,
         )
     console.print(table)
+    print_modes(summary, console)
+
+
+def print_modes(summary: dict, console: Console) -> None:
+    """Voice cloning: how each side encoded the reference clip; batching: the per-row answer."""
+    for p in summary.get("prompts", []):
+        clip = (p.get("comparison") or {}).get("reference_clip")
+        if not clip:
+            continue
+        text = f"{p['id']}: reference clip ({clip['mode']})"
+        if clip["mode"] == "icl":
+            text += " codes " + ("identical" if clip.get("codes_equal") else f"differ from frame {clip['first_code_diff']['frame']} "
+                                 f"(agreement {_fmt(clip.get('code_agreement'), '.1%')})")
+        text += f", speaker embedding rel L2 {_fmt(clip.get('speaker_rel_l2'))}"
+        console.print(text, markup=False, highlight=False)
+    batch = summary.get("batch")
+    if not batch:
+        return
+    table = Table(title=f"batch of {batch['size']}: each row vs the batch-1 reference",
+                  caption="pad: padding positions before the row; other: the row in a second arrangement "
+                          "(another position, other batch-mates where the file allows)")
+    for col in ("prompt", "row", "pad", "prefill rel L2", "first div. step", "at prefill", "other row/pad", "vs other", "depends"):
+        table.add_column(col, overflow="fold")
+    for r in batch["rows"]:
+        yes_no = {True: "yes", False: "no", None: "-"}
+        table.add_row(r["prompt"], str(r["row"]), str(r["pad"]), _fmt(r["prefill_rel_l2"]), _fmt(r["first_divergence_step"], "d"),
+                      yes_no[r["enters_at_prefill"]], f"{_fmt(r['other_row'], 'd')}/{_fmt(r['other_pad'], 'd')}",
+                      _fmt(r["vs_other_rel_l2"]), yes_no[r["depends_on_mates"]])
+    console.print(table)
+    console.print(f"batch: {batch['verdict']}", markup=False, highlight=False)
