@@ -22,7 +22,7 @@ err_console = Console(stderr=True)
 
 PromptsArg = Annotated[Path, typer.Argument(help="Prompt file: one prompt per line, or JSONL with 'text'.")]
 RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe TOML (default: the built-in smoke settings).")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, checkpoint directory, random:tiny or random:0.6b.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, checkpoint directory, or a built-in: random:tiny, random:0.6b, random:tiny-base, random:0.6b-base, random:tiny-design.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: runs/<recipe>-<time>).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: section.key=value (repeatable).")]
 
