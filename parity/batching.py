@@ -91,6 +91,7 @@ def row_report(forced: Trace, ref: Trace, other: Trace | None, comparison: dict)
         "prefill_len": forced.meta.get("prefill_len"),
         "mates": [m for m in info["mates"] if m != forced.meta.get("prompt_id")],
         "prefill_rel_l2": prefill_rel_l2(forced, ref),
+        "max_rel_l2": comparison.get("max_rel_l2"),
         "first_divergence_step": None if first is None else first.get("step"),
         "enters_at_prefill": None if first is None else (first.get("component") == "talker" and first.get("step") == 0),
     }
@@ -124,7 +125,8 @@ def summarize_rows(results: list[dict]) -> dict | None:
     if not rows:
         return None
     table = [{"prompt": pid, "row": b["row"], "pad": b["pad"], "prefill_len": b["prefill_len"],
-              "prefill_rel_l2": b["prefill_rel_l2"], "first_divergence_step": b["first_divergence_step"],
+              "prefill_rel_l2": b["prefill_rel_l2"], "max_rel_l2": b.get("max_rel_l2"),
+              "first_divergence_step": b["first_divergence_step"],
               "enters_at_prefill": b["enters_at_prefill"], "depends_on_mates": b.get("depends_on_mates"),
               "other_pad": (b.get("other_arrangement") or {}).get("pad"),
               "other_row": (b.get("other_arrangement") or {}).get("row"),
@@ -137,6 +139,15 @@ def summarize_rows(results: list[dict]) -> dict | None:
     corr = _pearson([float(p) for p, _ in pairs], [float(e) for _, e in pairs])
     size = rows[0][1]["size"]
     verdict = [f"batch of {size}: {len(depends)} of {len(known)} rows changed when decoded among other batch-mates or at another position"]
+    # Which change made the difference: rows whose padding changed vs rows that only moved.
+    repadded = [t for t in known if t["other_pad"] != t["pad"]]
+    moved = [t for t in known if t["other_pad"] == t["pad"]]
+    if repadded:
+        verdict.append(f"{sum(bool(t['depends_on_mates']) for t in repadded)} of {len(repadded)} rows whose padding changed "
+                       "changed (" + ", ".join(f"{t['prompt']} pad {t['pad']}->{t['other_pad']}" for t in repadded) + ")")
+    if moved:
+        verdict.append(f"{sum(bool(t['depends_on_mates']) for t in moved)} of {len(moved)} rows with the same padding at another "
+                       "position or among other mates changed")
     verdict.append(f"{len(diverged)} of {len(table)} rows diverge from the batch-1 reference"
                    + (f", {len(at_prefill)} of them from the prefill on" if diverged else ""))
     if corr is not None:

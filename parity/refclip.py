@@ -219,12 +219,15 @@ def encoding_hint(encoding: dict | None, tol: float) -> dict | None:
         return None
     if encoding.get("mode") == "icl" and not encoding.get("codes_equal"):
         d = encoding["first_code_diff"]
+        agreement = encoding.get("code_agreement")
         return {"text": f"the reference clip was coded differently by the two sides (first at clip frame {d['frame']}, "
-                        f"codebook {d['codebook']}): their ICL prefills differ from that position on",
-                "evidence": f"code agreement {encoding.get('code_agreement')}", "source": "reference_clip"}
+                        f"codebook {d['codebook']}): free-running, the candidate's ICL prefill differs from that position "
+                        "on (the teacher-forced comparison is built on the reference's encoding)",
+                "evidence": f"code agreement {agreement:.1%}" if agreement is not None else "clip lengths differ",
+                "source": "reference_clip"}
     rel = encoding.get("speaker_rel_l2")
     if rel is not None and rel > tol:
         return {"text": f"the reference clip's speaker embedding differs between the sides (rel L2 {rel:.2g}): "
-                        "the prefill position that holds it differs before any decoding",
+                        "free-running, the prefill position that holds it differs before any decoding",
                 "evidence": f"cosine {encoding.get('speaker_cosine'):.6f}", "source": "reference_clip"}
     return None

@@ -313,3 +313,19 @@ def test_batch_run_reports_per_row(tmp_path):
     assert "batch of 4" in r.stdout and batch["verdict"].split(";")[0] in " ".join(r.stdout.split())
     html = (out / "report.html").read_text()
     assert 'id="batch"' in html and "Batch row (batch of 4)" in html
+
+
+def test_bisect_finds_batch_as_the_culprit(tmp_path, parity_cache):
+    """Two bf16 sides that differ in batch only, with a tolerance tighter than the padding effect:
+    bisect names batch and proves it (the candidate without it is the reference itself)."""
+    from parity.bisect import bisect
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(TEXTS) + "\n")
+    recipe = parse_recipe_text('model = "random:tiny"\n[reference]\ndtype = "bfloat16"\n'
+                               '[candidate]\nengine = "reference"\ndtype = "bfloat16"\nbatch = 4\n'
+                               '[tolerances]\nbfloat16 = 1e-4\n')
+    result = bisect(prompts, recipe, None, 2, tmp_path / "out")
+    assert [f["name"] for f in result["factors"]] == ["batch"]
+    assert result["culprits"] == ["batch"] and result["proof"]["holds"]
+    assert result["candidate_run"]["diverges"]

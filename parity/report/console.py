@@ -65,14 +65,16 @@ def print_modes(summary: dict, console: Console) -> None:
     if not batch:
         return
     table = Table(title=f"batch of {batch['size']}: each row vs the batch-1 reference",
-                  caption="pad: padding positions before the row; other: the row in a second arrangement "
-                          "(another position, other batch-mates where the file allows)")
-    for col in ("prompt", "row", "pad", "prefill rel L2", "first div. step", "at prefill", "other row/pad", "vs other", "depends"):
+                  caption="max / prefill: largest rel L2 vs batch 1 (all points / the prefill); 1st div: first "
+                          "divergent step; other: row/pad in a second arrangement (another position, other "
+                          "batch-mates where the file allows); dep: the row changed between the two")
+    for col in ("prompt", "row", "pad", "max", "prefill", "1st div", "at prefill", "other", "vs other", "dep"):
         table.add_column(col, overflow="fold")
+    yes_no = {True: "yes", False: "no", None: "-"}
     for r in batch["rows"]:
-        yes_no = {True: "yes", False: "no", None: "-"}
-        table.add_row(r["prompt"], str(r["row"]), str(r["pad"]), _fmt(r["prefill_rel_l2"]), _fmt(r["first_divergence_step"], "d"),
-                      yes_no[r["enters_at_prefill"]], f"{_fmt(r['other_row'], 'd')}/{_fmt(r['other_pad'], 'd')}",
-                      _fmt(r["vs_other_rel_l2"]), yes_no[r["depends_on_mates"]])
+        table.add_row(r["prompt"], str(r["row"]), str(r["pad"]), _fmt(r.get("max_rel_l2"), ".2g"), _fmt(r["prefill_rel_l2"], ".2g"),
+                      _fmt(r["first_divergence_step"], "d"), yes_no[r["enters_at_prefill"]],
+                      f"{_fmt(r['other_row'], 'd')}/{_fmt(r['other_pad'], 'd')}", _fmt(r["vs_other_rel_l2"], ".2g"),
+                      yes_no[r["depends_on_mates"]])
     console.print(table)
     console.print(f"batch: {batch['verdict']}", markup=False, highlight=False)
