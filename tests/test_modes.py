@@ -323,7 +323,7 @@ def test_bisect_finds_batch_as_the_culprit(tmp_path, parity_cache):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(TEXTS) + "\n")
     recipe = parse_recipe_text('model = "random:tiny"\n[reference]\ndtype = "bfloat16"\n'
-                               '[candidate]\nengine = "reference"\ndtype = "bfloat16"\nbatch = 4\n'
+                               '[candidate]\nengine = "reference"\ndtype = "bfloat16"\nattention = "sdpa"\ncache = "dynamic"\nbatch = 4\n'
                                '[tolerances]\nbfloat16 = 1e-4\n')
     result = bisect(prompts, recipe, None, 2, tmp_path / "out")
     assert [f["name"] for f in result["factors"]] == ["batch"]
