@@ -329,3 +329,16 @@ def test_bisect_finds_batch_as_the_culprit(tmp_path, parity_cache):
     assert [f["name"] for f in result["factors"]] == ["batch"]
     assert result["culprits"] == ["batch"] and result["proof"]["holds"]
     assert result["candidate_run"]["diverges"]
+
+
+def test_icl_clip_counts_in_the_up_front_length_check(base_dir, tmp_path):
+    """An ICL clip's codes go into the prefill: a cache that holds the text but not the clip's
+    12.5 codes per second is refused before loading; the same prompt x-vector-only fits."""
+    from parity.preflight import preflight
+
+    long_clip = refclip.write_clip(tmp_path / "long.wav", seconds=8.0)
+    recipe = parse_recipe_text('model = "random:tiny-base"\n[candidate]\ncache = "static:96"\n[decoding]\nmax_frames = 8\n')
+    icl = Prompt(id="a", text="Hello.", ref_audio=str(long_clip), ref_text="Hi there.", line=1)
+    with pytest.raises(BadInput, match="needs at least 1[0-9][0-9] positions"):
+        preflight([icl], recipe, base_dir, tmp_path / "p.jsonl")
+    assert preflight([Prompt(id="b", text="Hello.", ref_audio=str(long_clip), line=1)], recipe, base_dir, tmp_path / "p.jsonl")
