@@ -121,7 +121,7 @@ def _run(prompts: Path, rec, out: Path, force: bool, resume: bool) -> None:
             raise _Stopped(e) from None
     print_summary(summary, console)
     console.print(f"wrote {out}/summary.json, junit.xml, report.html")
-    raise typer.Exit(0 if summary["passed"] else 1)
+    raise typer.Exit(0 if summary.passed else 1)
 
 
 @app.command()
@@ -158,36 +158,43 @@ def bisect(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written by parity run.")]) -> None:
     """Re-render report.html (and junit.xml) from a saved run."""
-    import json
-
-    from parity.errors import BadInput
+    from parity.reanalysis import read_summary
     from parity.report import html, junit
 
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise BadInput(f"'{run_dir}' has no summary.json; pass a directory written by parity run")
-    try:
-        summary = json.loads(summary_path.read_text())
-    except json.JSONDecodeError as e:
-        raise BadInput(f"'{summary_path}' is not valid JSON (line {e.lineno}); re-run parity run") from None
-    _check_summary(summary, summary_path)
+    summary = read_summary(run_dir)
     junit.write(summary, run_dir / "junit.xml")
     html.write(summary, run_dir, run_dir / "report.html")
     console.print(f"wrote {run_dir}/report.html")
 
 
-def _check_summary(summary, path: Path) -> None:
-    """A summary.json is read back from disk: its prompt ids name files under the run directory,
-    so they must be ids parity itself could have written (no path separators, no '..')."""
+@app.command(name="compare")
+def compare_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="RUN_DIR to re-analyse, or RUN_A RUN_B: two candidate runs against the same reference.")],
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe whose tolerances, gates and MOS gates to apply (its engine settings must match the run's).")] = None,
+    set_: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write (default: <last RUN>/compare).")] = None,
+) -> None:
+    """Re-analyse a saved run without loading any model, or compare two runs made against the same reference."""
     from parity.errors import BadInput
-    from parity.prompts import _ID_RE
 
-    prompts = summary.get("prompts") if isinstance(summary, dict) else None
-    if not isinstance(prompts, list) or not all(isinstance(p, dict) for p in prompts):
-        raise BadInput(f"'{path}' is not a parity summary (no prompt list); re-run parity run")
-    for p in prompts:
-        if not isinstance(p.get("id"), str) or not _ID_RE.fullmatch(p["id"]):
-            raise BadInput(f"'{path}': prompt id {p.get('id')!r} is not a valid id (A-Z a-z 0-9 . _ -); re-run parity run")
+    if len(runs) not in (1, 2):
+        raise BadInput(f"parity compare takes one run directory (re-analyse it) or two (RUN_A RUN_B), got {len(runs)}")
+    target = out or runs[-1] / "compare"
+    if len(runs) == 1:
+        from parity.reanalysis import reanalyse
+        from parity.report.console import print_summary
+
+        summary = reanalyse(runs[0], recipe, set_ or [], target)
+        print_summary(summary, console)
+        console.print(f"wrote {target}/summary.json, junit.xml, report.html")
+        raise typer.Exit(0 if summary.passed else 1)
+    from parity.versus import compare_runs, print_changes, write_changes
+
+    changes = compare_runs(runs[0], runs[1], recipe, set_ or [])
+    print_changes(changes, console)
+    write_changes(changes, target)
+    console.print(f"wrote {target}/compare.json")
+    raise typer.Exit(1 if changes.regressed else 0)
 
 
 @app.command()

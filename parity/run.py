@@ -22,14 +22,15 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from parity import compare, gates as gates_mod, scoring
+from parity import analysis, scoring
+from parity.analysis import first_nonfinite_point  # noqa: F401  (its old home)
 from parity.engines.base import Engine, make_engine
 from parity.env import fingerprint
 from parity.errors import BadInput, EngineFailure
@@ -37,6 +38,7 @@ from parity.models import resolve_model
 from parity.preflight import check_loaded_checkpoint, preflight
 from parity.prompts import Prompt, load_prompts
 from parity.recipe import Recipe
+from parity.results import PromptResult, Summary
 from parity.trace import Trace
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -153,33 +155,6 @@ def check_resumable(previous: dict, current: dict, out: Path) -> None:
                        "resume with the same prompt file, or pass --force to start over")
 
 
-def first_nonfinite_point(trace: Trace) -> dict | None:
-    """The first NaN/inf point of a recorded trace in execution order (talker step s: embed,
-    layers, logits; then the predictor sub-steps of frame s), named as compare.py names points."""
-    if trace.talker_hidden.numel() == 0:
-        return None
-    t_bad = ~torch.isfinite(trace.talker_hidden).all(-1)  # [S, L+1]
-    tl_bad = ~torch.isfinite(trace.talker_logits).all(-1)  # [S]
-    has_pred = trace.pred_hidden.numel() > 0
-    p_bad = ~torch.isfinite(trace.pred_hidden).all(-1) if has_pred else None  # [F, 15, P+1]
-    pl_bad = ~torch.isfinite(trace.pred_logits).all(-1) if has_pred else None  # [F, 15]
-
-    def point(component: str, step: int, sub: int, bad_layers: torch.Tensor) -> dict:
-        hits = bad_layers.nonzero()
-        p = int(hits[0, 0]) if len(hits) else len(bad_layers)  # len() = the logits point
-        name = "embed" if p == 0 else ("logits" if p == len(bad_layers) else f"layer{p - 1}")
-        return {"component": component, "step": step, "substep": sub, "layer": p - 1, "point": name}
-
-    for s in range(t_bad.shape[0]):
-        if bool(t_bad[s].any() or tl_bad[s]):
-            return point("talker", s, -1, t_bad[s])
-        if has_pred and s < p_bad.shape[0]:
-            for j in range(p_bad.shape[1]):
-                if bool(p_bad[s, j].any() or pl_bad[s, j]):
-                    return point("predictor", s, j, p_bad[s, j])
-    return None
-
-
 def first_nonfinite_sample(wav: np.ndarray, sr: int) -> dict | None:
     """Where a waveform first holds NaN/inf (sample index and seconds), or None."""
     bad = np.flatnonzero(~np.isfinite(np.asarray(wav)))
@@ -278,7 +253,7 @@ class Run:
         self.progress = progress or (lambda phase, done, total: None)
         self.tol = recipe.tolerance()
 
-    def execute(self, force: bool = False, resume: bool = False) -> dict:
+    def execute(self, force: bool = False, resume: bool = False) -> Summary:
         """Run everything; returns the summary (also written to summary.json).
 
         Raises BadInput (exit 2) for bad input, found before anything is written where possible;
@@ -317,7 +292,7 @@ class Run:
         if isinstance(failure, (BadInput, KeyboardInterrupt)):
             raise failure
         if failure is not None:
-            raise EngineFailure(f"engine failed: {_one_line(failure)}; {summary['counts']['ran']} of "
+            raise EngineFailure(f"engine failed: {_one_line(failure)}; {summary.counts['ran']} of "
                                 f"{len(prompts)} prompts finished and are saved in {self.out}; rerun with --resume") from failure
         return summary
 
@@ -331,7 +306,7 @@ class Run:
     def _finished(self, p: Prompt) -> bool:
         """A prompt a previous run finished: a readable result and all its traces and audio."""
         files = [f"traces/{p.id}.{n}.{ext}" for n in ("reference", "candidate.forced", "candidate.free") for ext in ("safetensors", "json")]
-        files += [f"audio/{p.id}.reference.wav", f"audio/{p.id}.candidate.wav", f"points/{p.id}.csv.gz"]
+        files += [f"audio/{p.id}.reference.wav", f"audio/{p.id}.candidate.wav", f"points/{p.id}.csv.gz", f"points/{p.id}.measured.json"]
         return self._read_result(p) is not None and all((self.out / f).is_file() for f in files)
 
     def _read_result(self, p: Prompt) -> dict | None:
@@ -468,63 +443,40 @@ class Run:
     def _finish_prompt(self, p: Prompt, ref: Trace, forced: Trace, free: Trace, timing: dict, truth: Trace | None = None,
                        ref_audio: list[tuple[np.ndarray, int]] | None = None,
                        cand_audio: list[tuple[np.ndarray, int]] | None = None) -> None:
-        points = compare.point_frame(forced, ref, self.tol)
-        points.drop(columns=["finite"]).to_csv(self.out / "points" / f"{p.id}.csv.gz", index=False)
-        comparison = compare.summarize(points, forced, ref, free, self.tol)
-        if truth is not None:  # which side is further from the truth: "different" vs "worse"
-            comparison["truth"] = compare.compare_truth(forced, ref, truth, self.tol)
-        # compare.py flags NaN/inf on the candidate's hidden states; the reference's and both
-        # waveforms are checked here, and the no_nonfinite gate covers them too.
-        comparison["first_nonfinite_reference"] = first_nonfinite_point(ref)
-        comparison["nonfinite_audio"] = {"reference": ref.meta.get("audio_nonfinite"), "candidate": free.meta.get("audio_nonfinite")}
+        """Score both sides' audio, measure the prompt (saved under points/), then judge what was
+        saved, exactly as ``parity compare`` judges it later, and write results/<id>.json."""
         mos_result = scoring.score_pairs(getattr(self, "scorers", {}), ref_audio or [], cand_audio or [])
-        audio_timing = {}
-        if ref_audio and cand_audio:
-            audio_timing = scoring.audio_timing(ref_audio[0][0], cand_audio[0][0], ref_audio[0][1], comparison, self.recipe.mos.audible_db)
-        gate_results = gates_mod.evaluate(self.recipe.gates, comparison, self.recipe.mos, mos_result)
-        extra = [f"reference {gates_mod.where(comparison['first_nonfinite_reference'])}"] if comparison["first_nonfinite_reference"] else []
-        extra += [f"{side} audio at {bad['seconds']} s" for side, bad in comparison["nonfinite_audio"].items() if bad]
-        for g in gate_results:
-            if g.name == "no_nonfinite" and extra:
-                g.detail = ("" if g.passed else g.detail + "; ") + "NaN/inf in " + ", ".join(extra)
-                g.passed = False
-        result = {
-            "id": p.id, "text": p.text, "line": p.line, "speaker": p.speaker, "language": p.language,
-            "status": "ok", "comparison": comparison, "gates": [asdict(g) for g in gate_results],
-            "passed": all(g.passed for g in gate_results), "timing": timing,
-            "audio": {"reference": f"audio/{p.id}.reference.wav", "candidate": f"audio/{p.id}.candidate.wav"},
-            # Codebook-0 sequences (free-running), small enough to keep for token timelines.
-            "codebook0": {"reference": ref.codes[:, 0].tolist(), "candidate": free.codes[:, 0].tolist()},
-            "mos": mos_result,
-            **audio_timing,
-        }
-        write_json(self.out / "results" / f"{p.id}.json", result)
+        ref_wav, sr = (ref_audio or [(None, 24000)])[0]
+        cand_wav = (cand_audio or [(None, sr)])[0][0]
+        prompt = {"id": p.id, "text": p.text, "line": p.line, "speaker": p.speaker, "language": p.language}
+        audio = {"reference": f"audio/{p.id}.reference.wav", "candidate": f"audio/{p.id}.candidate.wav"} if ref_audio and cand_audio else {}
+        measured = analysis.measure(prompt, ref, forced, free, truth, ref_wav, cand_wav, sr, timing, mos_result, audio)
+        analysis.save_measured(self.out, p.id, *measured)
+        result = analysis.analyse_prompt(self.out, p.id, self.recipe)
+        write_json(self.out / "results" / f"{p.id}.json", result.to_json())
 
-    def write_summary(self, prompts: list[Prompt], meta: dict, failure: BaseException | None = None) -> dict:
+    def write_summary(self, prompts: list[Prompt], meta: dict, failure: BaseException | None = None) -> Summary:
         """Assemble summary.json (+ junit.xml, report.html) from the per-prompt results on disk.
         Prompts without a complete result are listed with status ``not_run``."""
-        from parity.report import html, junit
-
-        results = []
-        for p in prompts:
-            result = self._read_result(p)
-            results.append(result or {"id": p.id, "text": p.text, "line": p.line, "status": "not_run", "gates": [], "passed": False})
-        ran = [r for r in results if r["status"] == "ok"]
         if isinstance(failure, KeyboardInterrupt):
             failure_text = f"interrupted by {getattr(failure, 'signal_name', 'SIGINT')}"
         else:
             failure_text = None if failure is None else _one_line(failure)
-        summary = {
-            **meta,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "failure": failure_text,
-            "prompts": results,
-            "counts": {"prompts": len(results), "ran": len(ran), "passed": sum(r["passed"] for r in ran),
-                       "not_run": len(results) - len(ran)},
-            "passed": failure is None and len(ran) == len(results) and all(r["passed"] for r in ran),
-            "peak_memory": getattr(self, "peak", {}),
-        }
-        write_json(self.out / "summary.json", summary)
-        junit.write(summary, self.out / "junit.xml")
-        html.write(summary, self.out, self.out / "report.html")
+        results = []
+        for p in prompts:
+            result = self._read_result(p)
+            results.append(PromptResult.from_json(result) if result else PromptResult(p.id, p.text, p.line, "not_run", False))
+        summary = analysis.summarize(results, {**meta, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, failure_text,
+                                     getattr(self, "peak", {}))
+        write_outputs(summary, self.out)
         return summary
+
+
+def write_outputs(summary: Summary, out: Path, run_dir: Path | None = None) -> None:
+    """summary.json, junit.xml and report.html of a summary (``run_dir``: where its traces, points
+    and audio are, when that is not ``out``)."""
+    from parity.report import html, junit
+
+    write_json(out / "summary.json", summary.to_json())
+    junit.write(summary, out / "junit.xml")
+    html.write(summary, run_dir or out, out / "report.html")
