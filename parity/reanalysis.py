@@ -111,7 +111,7 @@ def reanalyse(run_dir: Path, recipe_path: Path | None = None, sets: list[str] | 
     recipe = analysis_recipe(saved_recipe, recipe_path, list(sets or []), f"'{run_dir}'")
     summary = analyse_run(run_dir, recipe, saved, meta)
     if out is not None:
-        from parity.run import write_outputs
+        from parity.outputs import write_outputs
 
         check_out(Path(out))
         write_outputs(summary, Path(out), run_dir)

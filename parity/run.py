@@ -37,6 +37,7 @@ from parity.errors import BadInput, EngineFailure
 from parity.models import resolve_model
 from parity.preflight import check_loaded_checkpoint, preflight
 from parity.prompts import Prompt, load_prompts
+from parity.outputs import write_json, write_outputs
 from parity.recipe import Recipe
 from parity.results import PromptResult, Summary
 from parity.trace import Trace
@@ -55,13 +56,6 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signal_name)
         self.signal_name = signal_name
         self.exit_code = exit_code
-
-
-def write_json(path: Path, data) -> None:
-    """Write JSON atomically: a killed run never leaves a half-written file behind."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str, ensure_ascii=False))
-    os.replace(tmp, path)
 
 
 def write_wav(path: Path, wav: np.ndarray, sr: int) -> None:
@@ -470,13 +464,3 @@ class Run:
                                      getattr(self, "peak", {}))
         write_outputs(summary, self.out)
         return summary
-
-
-def write_outputs(summary: Summary, out: Path, run_dir: Path | None = None) -> None:
-    """summary.json, junit.xml and report.html of a summary (``run_dir``: where its traces, points
-    and audio are, when that is not ``out``)."""
-    from parity.report import html, junit
-
-    write_json(out / "summary.json", summary.to_json())
-    junit.write(summary, out / "junit.xml")
-    html.write(summary, run_dir or out, out / "report.html")
