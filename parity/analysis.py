@@ -325,3 +325,10 @@ def analyse_run(run_dir: Path, recipe, saved: Summary, meta: dict) -> Summary:
         if key in saved.extra:
             meta[key] = saved.extra[key]
     return summarize(results, meta, saved.failure, saved.peak_memory, reanalysis_of=str(run_dir))
+
+
+def compare_traces(forced, ref, tol: float) -> Comparison:
+    """A teacher-forced trace against its reference at tolerance ``tol`` (no free run, no audio):
+    what ``parity bisect`` judges each configuration by."""
+    points, _, measured = measure({"id": ""}, ref, forced, None)
+    return compare_points(points, measured, tol)

@@ -29,6 +29,10 @@ def finite_or_none(v: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _rel(d: "Divergence") -> str:
+    return "inf (NaN/inf)" if d.nonfinite else ("-" if d.rel_l2 is None else f"{d.rel_l2:.2g}")
+
+
 def _known(cls, data: dict) -> tuple[dict, dict]:
     """Split a JSON object into the record's own keys and the rest."""
     names = {f.name for f in fields(cls)} - {"extra"}
@@ -362,6 +366,24 @@ class BisectOutcome:
     seconds: float = 0.0
     layers: str | None = None  # for layer-bisect runs: the layers the culprit was applied to
     hints: list[str] = field(default_factory=list)
+
+    def _max(self) -> str:
+        return "inf (NaN/inf)" if self.nonfinite else ("-" if self.max_rel_l2 is None else f"{self.max_rel_l2:.2g}")
+
+    def text(self) -> str:
+        """'diverges at talker step 0 layer0 (rel L2 0.012)' or 'parity (max rel L2 3e-4)'."""
+        if self.diverges and self.first_divergence:
+            d = self.first_divergence
+            return f"diverges at {d.where()} (rel L2 {_rel(d)})"
+        return f"parity (max rel L2 {self._max()})"
+
+    def short(self) -> str:
+        """Table cell: 'diverges: talker 0 layer0, 0.012' / 'parity, max 3e-4' (run number after)."""
+        if self.diverges and self.first_divergence:
+            d = self.first_divergence
+            at = f"{d.step}" + (f".{d.substep}" if d.component == "predictor" else "")
+            return f"diverges: {d.component} {at} {d.point}, {_rel(d)} (run {self.run})"
+        return f"parity, max {self._max()} (run {self.run})"
 
     def to_json(self) -> dict:
         return {**{f.name: getattr(self, f.name) for f in fields(self)},
