@@ -437,16 +437,19 @@ class Run:
     def _finish_prompt(self, p: Prompt, ref: Trace, forced: Trace, free: Trace, timing: dict, truth: Trace | None = None,
                        ref_audio: list[tuple[np.ndarray, int]] | None = None,
                        cand_audio: list[tuple[np.ndarray, int]] | None = None) -> None:
-        """Score both sides' audio, measure the prompt (saved under points/), then judge what was
-        saved, exactly as ``parity compare`` judges it later, and write results/<id>.json."""
+        """Score both sides' audio and save what execute measured outside the traces
+        (points/<id>.measured.json), then judge the prompt with the same function ``parity
+        compare`` uses on the saved traces, and write points/<id>.csv.gz and results/<id>.json."""
         mos_result = scoring.score_pairs(getattr(self, "scorers", {}), ref_audio or [], cand_audio or [])
         ref_wav, sr = (ref_audio or [(None, 24000)])[0]
         cand_wav = (cand_audio or [(None, sr)])[0][0]
         prompt = {"id": p.id, "text": p.text, "line": p.line, "speaker": p.speaker, "language": p.language}
         audio = {"reference": f"audio/{p.id}.reference.wav", "candidate": f"audio/{p.id}.candidate.wav"} if ref_audio and cand_audio else {}
-        measured = analysis.measure(prompt, ref, forced, free, truth, ref_wav, cand_wav, sr, timing, mos_result, audio)
-        analysis.save_measured(self.out, p.id, *measured)
-        result = analysis.analyse_prompt(self.out, p.id, self.recipe)
+        nonfinite_audio = {"reference": ref.meta.get("audio_nonfinite"), "candidate": free.meta.get("audio_nonfinite")}
+        measured = analysis.measure_audio(prompt, timing, mos_result, audio, nonfinite_audio, ref_wav, cand_wav, sr)
+        analysis.save_measured(self.out, p.id, measured)
+        points, result = analysis.judge(analysis.PromptTraces(ref, forced, free, truth), measured, self.recipe)
+        points.drop(columns=["finite"]).to_csv(self.out / "points" / f"{p.id}.csv.gz", index=False)
         write_json(self.out / "results" / f"{p.id}.json", result.to_json())
 
     def write_summary(self, prompts: list[Prompt], meta: dict, failure: BaseException | None = None) -> Summary:
