@@ -35,6 +35,28 @@ print('HEAVY', sorted(m for m in sys.modules if m.startswith(heavy)), 'EXIT', co
 """
 
 
+# The same work in one process, split into imports, judging (traces -> results) and writing outputs.
+_SPLIT = """
+import json, sys, time
+from pathlib import Path
+t0 = time.perf_counter()
+from parity.analysis import analyse_run
+from parity.outputs import write_outputs
+from parity.reanalysis import analysis_recipe, read_run, read_summary
+import parity.compare, parity.report.html
+t1 = time.perf_counter()
+run, out = Path(sys.argv[1]), Path(sys.argv[2])
+saved = read_summary(run)
+meta, recipe = read_run(run)
+summary = analyse_run(run, analysis_recipe(recipe, None, [], str(run)), saved, meta)
+t2 = time.perf_counter()
+out.mkdir(parents=True, exist_ok=True)
+write_outputs(summary, out, run)
+t3 = time.perf_counter()
+print(json.dumps({"imports_s": t1 - t0, "judge_s": t2 - t1, "write_outputs_s": t3 - t2}))
+"""
+
+
 def timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "COLUMNS": "100"})
@@ -60,6 +82,8 @@ def main() -> None:
             wall, proc = timed([sys.executable, "-c", _PROBE.format(heavy=HEAVY), str(run), f"{tmp}/compare{k}"])
             walls.append(wall)
             result["compare_output"] = proc.stdout.strip().splitlines()[-1]
+        _, proc = timed([sys.executable, "-c", _SPLIT, str(run), f"{tmp}/split"])
+        result["split_in_process"] = json.loads(proc.stdout.strip().splitlines()[-1])
         own = json.loads((run / "summary.json").read_text())
         again = json.loads((Path(tmp) / "compare0" / "summary.json").read_text())
         keys = ("prompts", "counts", "passed", "tolerance", "failure")

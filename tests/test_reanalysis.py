@@ -179,3 +179,15 @@ def test_records_round_trip_and_read_schema_1(runs):
     assert upgraded.schema_version == 1
     assert not list(jsonschema.Draft202012Validator(schema).iter_errors(upgraded.to_json()))
     assert [p.id for p in upgraded.prompts] == [p["id"] for p in old["prompts"]]
+
+
+def test_compare_refuses_a_tokens_only_run(tmp_path, tiny_dir):
+    """traces = "tokens" keeps no per-layer tensors: nothing to judge again, said in one line."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello world.\n")
+    out = tmp_path / "tokens"
+    proc = parity("run", str(prompts), "--out", str(out), "--max-frames", "2", "--mos", "none", "--set", "traces=tokens")
+    assert proc.returncode in (0, 1), proc.stderr
+    proc = parity("compare", str(out))
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "tokens" in proc.stderr

@@ -27,7 +27,7 @@ def _clean(text: object) -> str:
 
 def _seconds(timing: dict | None, n_cases: int) -> str:
     """The prompt's engine time, shared evenly by its cases (so suite totals stay right)."""
-    total = sum(v for v in (timing or {}).values() if isinstance(v, (int, float)))
+    total = sum(v for v in (timing or {}).values() if isinstance(v, (int, float)) and not isinstance(v, bool))
     return f"{total / max(n_cases, 1):.3f}"
 
 
