@@ -121,7 +121,7 @@ def _run(prompts: Path, rec, out: Path, force: bool, resume: bool, refresh_refer
         except KeyboardInterrupt as e:  # typer would swallow it into a bare exit 130
             raise _Stopped(e) from None
     print_summary(summary, console)
-    console.print(_cache_line(summary.get("reference_cache") or {}), markup=False, highlight=False)
+    console.print(_cache_line(summary.get("reference_cache") or {}), markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {out}/summary.json, junit.xml, report.html")
     raise typer.Exit(0 if summary["passed"] else 1)
 
@@ -131,6 +131,8 @@ def _cache_line(info: dict) -> str:
     if "off" in info:
         return f"reference cache: off ({info['off']})"
     hits, misses = info.get("hits", 0), info.get("misses", 0)
+    if info.get("refreshed"):
+        return f"reference cache: --refresh-reference: {info['refreshed']} prompts run again and stored ({info.get('dir')})"
     rebuilt = f", {info['rebuilt']} corrupt entr{'y' if info['rebuilt'] == 1 else 'ies'} rebuilt" if info.get("rebuilt") else ""
     return f"reference cache: {hits} of {hits + misses} prompts reused, {misses} run and stored{rebuilt} ({info.get('dir')})"
 

@@ -139,6 +139,7 @@ class ReferenceCache:
         }
         self.hits = 0
         self.misses = 0
+        self.refreshed = 0  # prompts run again on --refresh-reference (the cache was not read)
         self.rebuilt: list[str] = []  # keys of corrupt or partial entries found and removed
 
     def key(self, prompt: Prompt) -> str:
@@ -210,7 +211,8 @@ class ReferenceCache:
         return key
 
     def summary(self) -> dict:
-        return {"dir": str(self.root), "hits": self.hits, "misses": self.misses, "rebuilt": len(self.rebuilt)}
+        return {"dir": str(self.root), "hits": self.hits, "misses": self.misses, "refreshed": self.refreshed,
+                "rebuilt": len(self.rebuilt)}
 
 
 def _ref_audio_digest(ref_audio: str | None) -> str | None:

@@ -352,7 +352,11 @@ class Run:
         loaded: Engine | None = None
         try:
             for i, p in enumerate(prompts):
-                hit = None if (self.cache is None or self.refresh_reference) else self.cache.get(p)
+                hit = None
+                if self.cache is not None and self.refresh_reference:
+                    self.cache.refreshed += 1
+                elif self.cache is not None:
+                    hit = self.cache.get(p)
                 if hit is not None:
                     trace, clips = hit.trace, hit.audio
                     meta["sides"].setdefault("reference", hit.describe)
