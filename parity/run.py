@@ -298,6 +298,7 @@ class Run:
             failure = e
         if self.cache is not None:
             meta["reference_cache"].update(self.cache.summary())
+        meta["engine_load_s"] = dict(self.host.load_seconds)
         summary = self.write_summary(prompts, meta, failure)
         if isinstance(failure, (BadInput, KeyboardInterrupt)):
             raise failure

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -95,6 +96,7 @@ class EngineHost:
         self.checked = False  # preflight ran on local files
         self.threads: int | None = None
         self._frozen = False
+        self.load_seconds: dict[str, float] = {}
 
     def preflight(self, recipe: Recipe | None = None) -> bool:
         """Every check that needs the checkpoint's files but not its weights (exit 2 on failure).
@@ -126,6 +128,7 @@ class EngineHost:
             # import graph each time, ~1 s on a 2-core CPU).
             gc.freeze()
             self._frozen = True
+        t0 = time.perf_counter()
         try:
             engine.load()
         except BaseException as e:
@@ -139,6 +142,7 @@ class EngineHost:
                 raise BadInput(f"[{role}] model '{self.recipe.model}' does not load ({one_line(e)}); "
                                "check the checkpoint (parity run --model DIR|HUB_ID|random:tiny)") from None
             raise
+        self.load_seconds[role] = round(self.load_seconds.get(role, 0.0) + time.perf_counter() - t0, 3)
         if not self.checked:  # a hub id: its files exist only now
             self.checked = True
             check_loaded_checkpoint(self.model_dir, self.prompts, self.recipe, self.prompts_path)
