@@ -262,3 +262,22 @@ def test_bisect_engine_crash_is_exit_3_one_line(tmp_path):
                   "--set", "candidate.dtype=bfloat16", "--steps", "2", "--out", str(tmp_path / "b"), extra_path=[site, crash])
     assert proc.returncode == 3, proc.stderr
     assert "kernel exploded" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_small_models_run_with_one_cpu_thread(tiny_dir, tmp_path, monkeypatch):
+    from parity.engines.lifecycle import THREADS_ENV, cpu_threads
+    from parity.errors import BadInput
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert cpu_threads(tiny_dir) == 1  # hidden size 64
+    big = tmp_path / "big"
+    big.mkdir()
+    config = json.loads((Path(tiny_dir) / "config.json").read_text())
+    config["talker_config"]["hidden_size"] = 1024
+    (big / "config.json").write_text(json.dumps(config))
+    assert cpu_threads(big) is None  # torch's default for real model sizes
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert cpu_threads(tiny_dir) == 3
+    monkeypatch.setenv(THREADS_ENV, "many")
+    with pytest.raises(BadInput, match=THREADS_ENV):
+        cpu_threads(tiny_dir)
