@@ -117,7 +117,9 @@ def _run(prompts: Path, rec, out: Path, force: bool, resume: bool, refresh_refer
             bar.refresh()
 
         try:
-            summary = Run(prompts, rec, out, command, progress, refresh_reference).execute(force=force, resume=resume)
+            run = Run(prompts, rec, out, command, progress, refresh_reference)
+            run.freeze_heap = True  # this process runs one command
+            summary = run.execute(force=force, resume=resume)
         except KeyboardInterrupt as e:  # typer would swallow it into a bare exit 130
             raise _Stopped(e) from None
     print_summary(summary, console)

@@ -256,6 +256,7 @@ class Run:
         self.tol = recipe.tolerance()
         self.refresh_reference = refresh_reference
         self.cache = None  # parity.refcache.ReferenceCache, when the reference can be cached
+        self.freeze_heap = False  # the CLI sets it: see EngineHost
 
     def execute(self, force: bool = False, resume: bool = False) -> dict:
         """Run everything; returns the summary (also written to summary.json).
@@ -279,7 +280,7 @@ class Run:
             meta["test_fault"] = os.environ[FAULT_ENV]
         if previous is not None:
             check_resumable(previous, meta, self.out)
-        self.host = EngineHost(self.recipe, model_dir, prompts, self.prompts_path)
+        self.host = EngineHost(self.recipe, model_dir, prompts, self.prompts_path, freeze_heap=self.freeze_heap)
         self.host.preflight()
         # Scorers load before any engine, so a missing UTMOS checkpoint is refused up front.
         self.scorers = scoring.load_scorers(self.recipe.mos.scorers, self.recipe.mos.utmos_checkpoint)

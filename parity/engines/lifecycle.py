@@ -87,7 +87,8 @@ def cpu_threads(model_dir: Path | str) -> int | None:
 class EngineHost:
     """Makes, loads and releases the engines of one command; keeps each side's peak memory."""
 
-    def __init__(self, recipe: Recipe, model_dir: Path | str, prompts: list[Prompt], prompts_path: Path | None = None):
+    def __init__(self, recipe: Recipe, model_dir: Path | str, prompts: list[Prompt], prompts_path: Path | None = None,
+                 freeze_heap: bool = False):
         self.recipe = recipe
         self.model_dir = model_dir
         self.prompts = prompts
@@ -95,7 +96,7 @@ class EngineHost:
         self.peak: dict[str, dict] = {}
         self.checked = False  # preflight ran on local files
         self.threads: int | None = None
-        self._frozen = False
+        self._frozen = not freeze_heap  # only a one-command process (the CLI) freezes its heap
         self.load_seconds: dict[str, float] = {}
 
     def preflight(self, recipe: Recipe | None = None) -> bool:
@@ -123,9 +124,9 @@ class EngineHost:
         if not device.startswith("cuda"):
             self.set_cpu_threads()
         if not self._frozen:
-            # Everything imported so far lives as long as the process: keep it out of the
-            # collections that release() runs (a full collection walked the whole transformers
-            # import graph each time, ~1 s on a 2-core CPU).
+            # In a one-command process everything imported so far lives as long as the process:
+            # keep it out of the collections that release() runs (a full collection walked the
+            # whole transformers import graph each time, ~1 s on a 2-core CPU).
             gc.freeze()
             self._frozen = True
         t0 = time.perf_counter()
