@@ -131,6 +131,7 @@ def test_second_run_with_only_the_candidate_changed_reuses_the_reference(runs):
     assert _same_reference(r1, r2) and _same_reference(r1, r2, "p001")
     assert s2["sides"]["reference"]["engine"] == "reference"  # the settings come with the entry
     assert "reference cache: 2 of 2 prompts reused" in runs["second"].stdout
+    assert "2 of 2 prompts reused from the cache" in (r2 / "report.html").read_text()
     # Reused traces are compared like fresh ones: the candidate changed, so its error did.
     assert s1["prompts"][0]["comparison"]["max_rel_l2"] != s2["prompts"][0]["comparison"]["max_rel_l2"]
 
