@@ -127,8 +127,12 @@ class Runner:
     """Runs configurations teacher-forced on the cached reference traces; keeps loaded engines
     (one per load-time setting when the engine can be reconfigured in place), counts runs and loads."""
 
-    def __init__(self, recipe: Recipe, prompts: list, steps: int, model_dir, progress: Callable[[str], None] | None = None):
+    def __init__(self, recipe: Recipe, prompts: list, steps: int, model_dir, progress: Callable[[str], None] | None = None,
+                 host=None):
+        from parity.engines.lifecycle import EngineHost
+
         self.recipe = recipe
+        self.host = host or EngineHost(recipe, model_dir, prompts)
         self.prompts = prompts
         self.decoding = replace(recipe.decoding, max_frames=steps)
         self.model_dir = model_dir
@@ -140,16 +144,14 @@ class Runner:
         self.reference_traces: dict[str, Any] = {}
 
     def _engine(self, side: Side):
-        from parity.engines.base import make_engine
-
         load_key = tuple(getattr(side, f) for f in LOAD_FIELDS)
         engine = self.engines.get(load_key) or self.engines.get(side)
         if engine is None:
-            engine = make_engine(side, self.model_dir)
-            engine.load()
+            role = "reference" if side == self.recipe.reference else side.label()
+            engine = self.host.load(self.host.make(side, role), role)
             self.loads += 1
             if side.variants and getattr(engine, "applied", None) is None:
-                engine.close()
+                self.host.release(engine, role)
                 raise BadInput(f"the {side.engine} engine does not apply variants ({', '.join(side.variants)}); "
                                "bisect them on the reference engine")
             self.engines[load_key if hasattr(engine, "reconfigure") else side] = engine
@@ -188,14 +190,13 @@ class Runner:
         return out
 
     def layer_counts(self) -> dict[str, int]:
-        """Decoder layers per component, read from the loaded reference model."""
-        engine = self._engine(self.recipe.reference)
-        talker = engine.talker if hasattr(engine, "talker") else engine.tts.model.model.talker  # reference / faster
-        return {"talker": len(talker.model.layers), "predictor": len(talker.code_predictor.model.layers)}
+        """Decoder layers per component, from the layout the loaded reference engine declares."""
+        layout = self._engine(self.recipe.reference).layout()
+        return {c.name: c.layers for c in layout.components}
 
     def close(self) -> None:
         for engine in self.engines.values():
-            engine.close()
+            self.host.release(engine, engine.side.label())
         self.engines.clear()
 
 
@@ -376,6 +377,9 @@ def bisect(prompts_path: Path, recipe: Recipe, factors: list[str] | None, steps:
     from parity.prompts import load_prompts
     from parity.run import write_json
 
+    from parity.engines.lifecycle import EngineHost, engine_failure
+    from parity.errors import ParityError
+
     if steps < 1:
         raise BadInput(f"--steps must be at least 1, got {steps}")
     prompts = load_prompts(prompts_path)
@@ -391,14 +395,24 @@ def bisect(prompts_path: Path, recipe: Recipe, factors: list[str] | None, steps:
                       factors=[], runs=[], counts={"runs": 0, "settings_runs": 0, "layer_runs": 0, "proof_reruns": 0})
         result["counts"].update(reference_runs=0, loads=0, seconds=0.0)
     else:
-        runner = Runner(recipe, prompts, steps, resolve_model(recipe.model, recipe.model_seed), progress)
+        model_dir = resolve_model(recipe.model, recipe.model_seed)
+        # The same lifecycle as parity run: preflight before any load (prompt fit checked for the
+        # bisect's frame count), checkpoint errors exit 2, engine crashes and OOM exit 3.
+        host = EngineHost(recipe, model_dir, prompts, Path(prompts_path))
+        host.preflight(replace(recipe, decoding=replace(recipe.decoding, max_frames=steps)))
+        runner = Runner(recipe, prompts, steps, model_dir, progress, host)
         try:
             runner.run_reference()
             search = Search(recipe.reference, chosen, runner.execute, runner.layer_counts)
             result.update(search.run())
+        except ParityError:
+            raise
+        except Exception as e:
+            raise engine_failure(e, f"bisect run {runner.runs}") from e
         finally:
             runner.close()
         result["counts"].update(reference_runs=1, loads=runner.loads, seconds=time.perf_counter() - t0)
+        result["peak_memory"] = host.peak
     if out is not None:
         out = Path(out)
         try:

@@ -16,7 +16,6 @@ whose reference trace is complete.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
@@ -31,11 +30,12 @@ import torch
 
 from parity import analysis, scoring
 from parity.analysis import first_nonfinite_point  # noqa: F401  (its old home)
-from parity.engines.base import Engine, make_engine
+from parity.engines.base import Engine
+from parity.engines.lifecycle import EngineHost, one_line as _one_line
 from parity.env import fingerprint
 from parity.errors import BadInput, EngineFailure
 from parity.models import resolve_model
-from parity.preflight import check_loaded_checkpoint, preflight
+from parity.preflight import local_checkpoint
 from parity.prompts import Prompt, load_prompts
 from parity.outputs import write_json, write_outputs
 from parity.recipe import Recipe
@@ -157,18 +157,6 @@ def first_nonfinite_sample(wav: np.ndarray, sr: int) -> dict | None:
     return {"sample": int(bad[0]), "seconds": round(int(bad[0]) / sr, 4), "count": int(len(bad))}
 
 
-def peak_memory(device: str) -> dict:
-    """Peak memory so far: CUDA max_memory_allocated on a GPU (reset per side), else the process's
-    peak resident set size (cumulative over the process: the later side includes the earlier)."""
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return {"device": device, "kind": "cuda_max_memory_allocated", "bytes": int(torch.cuda.max_memory_allocated())}
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    scale = 1 if os.uname().sysname == "Darwin" else 1024
-    return {"device": "cpu", "kind": "process_peak_rss", "bytes": int(rss * scale)}
-
-
 # --- TEST HOOK -------------------------------------------------------------------------------
 # PARITY_FAULT="SIDE:K:KIND" (tests only) wraps SIDE's real engine (reference or candidate) so that
 # it fails on the prompt with index K (0-based, in prompt-file order). KIND: raise (RuntimeError),
@@ -224,28 +212,20 @@ class FaultInjector:
 # --- end of TEST HOOK ------------------------------------------------------------------------
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
-def _is_checkpoint_error(e: Exception) -> bool:
-    """Exceptions from from_pretrained that mean a bad or unreachable checkpoint, not an engine bug."""
-    if isinstance(e, (OSError, ValueError, KeyError)) or type(e).__name__ == "SafetensorError":
-        return True
-    return isinstance(e, RuntimeError) and any(m in str(e) for m in ("size mismatch", "ignore_mismatched_sizes", "Error(s) in loading"))
-
-
 class Run:
     """One ``parity run`` invocation."""
 
-    def __init__(self, prompts_path: Path, recipe: Recipe, out: Path, command: str = "", progress: Progress | None = None):
+    def __init__(self, prompts_path: Path, recipe: Recipe, out: Path, command: str = "", progress: Progress | None = None,
+                 refresh_reference: bool = False):
         self.prompts_path = Path(prompts_path)
         self.recipe = recipe
         self.out = Path(out)
         self.command = command
         self.progress = progress or (lambda phase, done, total: None)
         self.tol = recipe.tolerance()
+        self.refresh_reference = refresh_reference
+        self.cache = None  # parity.refcache.ReferenceCache, when the reference can be cached
+        self.freeze_heap = False  # the CLI sets it: see EngineHost
 
     def execute(self, force: bool = False, resume: bool = False) -> Summary:
         """Run everything; returns the summary (also written to summary.json).
@@ -269,19 +249,26 @@ class Run:
             meta["test_fault"] = os.environ[FAULT_ENV]
         if previous is not None:
             check_resumable(previous, meta, self.out)
-        self._checked = preflight(prompts, self.recipe, model_dir, self.prompts_path)
+        self.host = EngineHost(self.recipe, model_dir, prompts, self.prompts_path, freeze_heap=self.freeze_heap)
+        self.host.preflight()
         # Scorers load before any engine, so a missing UTMOS checkpoint is refused up front.
         self.scorers = scoring.load_scorers(self.recipe.mos.scorers, self.recipe.mos.utmos_checkpoint)
-        engines = {role: self._make(getattr(self.recipe, role), model_dir, role) for role in ("reference", "candidate")}
+        engines = {role: self.host.make(getattr(self.recipe, role), role) for role in ("reference", "candidate")}
         prepare_out_dir(self.out, force, resume)
         todo = [p for p in prompts if not (resume and self._finished(p))]
+        self.cache = self._reference_cache(model_dir, fault)
+        meta["reference_cache"] = {"dir": str(self.cache.root)} if self.cache else {"off": self._cache_off_reason(model_dir, fault)}
+        meta["cpu_threads"] = torch.get_num_threads()
         write_json(self.out / "run.json", meta)
-        self.peak: dict[str, dict] = {}
+        self.peak = self.host.peak
         failure: BaseException | None = None
         try:
             self._run_sides(todo, engines, meta, prompts, model_dir, fault)
         except (Exception, KeyboardInterrupt) as e:  # keep what finished, mark the rest, then report
             failure = e
+        if self.cache is not None:
+            meta["reference_cache"].update(self.cache.summary())
+        meta["engine_load_s"] = dict(self.host.load_seconds)
         summary = self.write_summary(prompts, meta, failure)
         if isinstance(failure, (BadInput, KeyboardInterrupt)):
             raise failure
@@ -290,12 +277,27 @@ class Run:
                                 f"{len(prompts)} prompts finished and are saved in {self.out}; rerun with --resume") from failure
         return summary
 
-    def _make(self, side, model_dir, role: str) -> Engine:
-        """Instantiate (not load) an engine, so an unusable side is refused before any work."""
-        try:
-            return make_engine(side, model_dir)
-        except ImportError as e:
-            raise BadInput(f"[{role}] engine '{side.engine}' is not available ({_one_line(e)}); install it or pick another engine") from None
+    def _cache_off_reason(self, model_dir, fault) -> str:
+        if fault and fault[0] == "reference":
+            return f"{FAULT_ENV} targets the reference"
+        if local_checkpoint(model_dir) is None:
+            return "the checkpoint is not downloaded yet (its weights digest is unknown)"
+        return "PARITY_REFERENCE_CACHE=off"
+
+    def _reference_cache(self, model_dir, fault):
+        """The reference-trace cache for this run, or None: off for a test fault on the reference,
+        for a hub id not downloaded yet (nothing to digest) and with PARITY_REFERENCE_CACHE=off."""
+        from parity.engines.registry import available
+        from parity.refcache import ReferenceCache, cache_dir
+
+        directory = local_checkpoint(model_dir)
+        if (fault and fault[0] == "reference") or directory is None or os.environ.get("PARITY_REFERENCE_CACHE") == "off":
+            return None
+        side = self.recipe.reference
+        if not str(side.device).startswith("cuda"):
+            self.host.set_cpu_threads()  # the thread count is part of the key
+        seeds = self.recipe.mos.seeds if self.recipe.mos.scorers else 1
+        return ReferenceCache(cache_dir(), directory, side, self.recipe.decoding, seeds, available()[side.engine].target)
 
     def _finished(self, p: Prompt) -> bool:
         """A prompt a previous run finished: a readable result and all its traces and audio."""
@@ -312,41 +314,63 @@ class Run:
         ok = isinstance(result, dict) and result.get("id") == p.id and result.get("status") == "ok"
         return result if ok else None
 
+    def _reference_side(self, prompts: list[Prompt], engine: Engine, meta: dict, all_prompts: list[Prompt], fault,
+                        index: dict[str, int]) -> tuple[dict[str, Trace], dict[str, list], Exception | None]:
+        """The reference over all prompts, from the cache where it holds them. The model loads
+        only on the first prompt the cache lacks. Returns (traces, audio, the failure if any)."""
+        ref_traces: dict[str, Trace] = {}
+        ref_audio: dict[str, list[tuple[np.ndarray, int]]] = {}
+        loaded: Engine | None = None
+        try:
+            for i, p in enumerate(prompts):
+                hit = None
+                if self.cache is not None and self.refresh_reference:
+                    self.cache.refreshed += 1
+                elif self.cache is not None:
+                    hit = self.cache.get(p)
+                if hit is not None:
+                    trace, clips = hit.trace, hit.audio
+                    meta["sides"].setdefault("reference", hit.describe)
+                else:
+                    if loaded is None:  # a load failure is not a prompt's: it propagates
+                        loaded = self._load(engine, "reference", fault, index)
+                        meta["sides"]["reference"] = loaded.describe()
+                    try:
+                        t0 = time.perf_counter()
+                        trace = loaded.run(p, self.recipe.decoding)
+                        trace.meta["seconds"] = time.perf_counter() - t0
+                        wav, sr = loaded.decode_audio(trace.codes)
+                        clips = [(wav, sr)] + self._extra_seeds(loaded, p, "reference")
+                    except BadInput as e:
+                        raise self._at(p, e) from None
+                    except Exception as e:  # finish the prompts before it on the candidate side, then fail
+                        return ref_traces, ref_audio, e
+                    trace.meta["reference_cache"] = {"hit": False}
+                    if self.cache is not None:
+                        trace.meta["reference_cache"]["key"] = self.cache.put(p, trace, clips, loaded.describe())
+                trace.meta["audio_nonfinite"] = first_nonfinite_sample(*clips[0])
+                trace.save(self.out / "traces", f"{p.id}.reference", tokens_only=self.recipe.traces == "tokens")
+                write_wav(self.out / "audio" / f"{p.id}.reference.wav", *clips[0])
+                for k, (wav, sr) in enumerate(clips[1:], start=1):
+                    write_wav(self.out / "audio" / f"{p.id}.reference.seed{k}.wav", wav, sr)
+                ref_traces[p.id], ref_audio[p.id] = trace, clips
+                self.progress("reference", i + 1, len(prompts))
+        finally:
+            if loaded is not None:
+                self._release(loaded, "reference")
+        return ref_traces, ref_audio, None
+
     def _run_sides(self, prompts: list[Prompt], engines: dict[str, Engine], meta: dict, all_prompts: list[Prompt],
                    model_dir, fault) -> None:
         """The reference over all prompts, then the candidate over those the reference finished."""
         if not prompts:
             return
         index = {p.id: i for i, p in enumerate(all_prompts)}
-        ref_traces: dict[str, Trace] = {}
-        ref_audio: dict[str, list[tuple[np.ndarray, int]]] = {}
-        ref_failure: Exception | None = None
-        engine = self._load(engines["reference"], "reference", model_dir, all_prompts, fault, index)
-        meta["sides"]["reference"] = engine.describe()
-        try:
-            for i, p in enumerate(prompts):
-                try:
-                    t0 = time.perf_counter()
-                    trace = engine.run(p, self.recipe.decoding)
-                    trace.meta["seconds"] = time.perf_counter() - t0
-                    wav, sr = engine.decode_audio(trace.codes)
-                    ref_audio[p.id] = [(wav, sr)] + self._extra_seeds(engine, p, "reference")
-                except BadInput as e:
-                    raise self._at(p, e) from None
-                except Exception as e:  # finish the prompts before it on the candidate side, then fail
-                    ref_failure = e
-                    break
-                trace.meta["audio_nonfinite"] = first_nonfinite_sample(wav, sr)
-                trace.save(self.out / "traces", f"{p.id}.reference", tokens_only=self.recipe.traces == "tokens")
-                write_wav(self.out / "audio" / f"{p.id}.reference.wav", wav, sr)
-                ref_traces[p.id] = trace
-                self.progress("reference", i + 1, len(prompts))
-        finally:
-            self._release(engine, "reference")
+        ref_traces, ref_audio, ref_failure = self._reference_side(prompts, engines["reference"], meta, all_prompts, fault, index)
         done = [p for p in prompts if p.id in ref_traces]
-        truth_traces = self._run_truth(done, ref_traces, model_dir, meta) if self.recipe.truth is not None and done else {}
+        truth_traces = self._run_truth(done, ref_traces, meta) if self.recipe.truth is not None and done else {}
         if done:
-            engine = self._load(engines["candidate"], "candidate", model_dir, all_prompts, fault, index)
+            engine = self._load(engines["candidate"], "candidate", fault, index)
             meta["sides"]["candidate"] = engine.describe()
             write_json(self.out / "run.json", meta)
             try:
@@ -366,8 +390,9 @@ class Run:
                     forced.save(self.out / "traces", f"{p.id}.candidate.forced", tokens_only=self.recipe.traces == "tokens")
                     free.save(self.out / "traces", f"{p.id}.candidate.free")
                     write_wav(self.out / "audio" / f"{p.id}.candidate.wav", wav, sr)
-                    self._finish_prompt(p, ref, forced, free, {"reference_s": ref.meta["seconds"], "forced_s": t1 - t0, "free_s": t2 - t1},
-                                        truth_traces.pop(p.id, None), ref_audio.pop(p.id), cand_audio)
+                    timing = {"reference_s": ref.meta["seconds"], "forced_s": t1 - t0, "free_s": t2 - t1,
+                              "reference_cached": bool((ref.meta.get("reference_cache") or {}).get("hit"))}
+                    self._finish_prompt(p, ref, forced, free, timing, truth_traces.pop(p.id, None), ref_audio.pop(p.id), cand_audio)
                     self.progress("candidate", i + 1, len(done))
             finally:
                 self._release(engine, "candidate")
@@ -376,7 +401,7 @@ class Run:
 
     def _extra_seeds(self, engine: Engine, p: Prompt, role: str) -> list[tuple[np.ndarray, int]]:
         """Free-running audio for seeds decoding.seed + 1 .. + (mos.seeds - 1), when sampling
-        (greedy decoding gives the same audio for every seed). Each WAV is kept under audio/."""
+        (greedy decoding gives the same audio for every seed). The caller writes each WAV under audio/."""
         decoding = self.recipe.decoding
         if not decoding.do_sample:
             return []
@@ -384,7 +409,8 @@ class Run:
         for k in range(1, self.recipe.mos.seeds):
             trace = engine.run(p, replace(decoding, seed=decoding.seed + k), record=False)
             wav, sr = engine.decode_audio(trace.codes)
-            write_wav(self.out / "audio" / f"{p.id}.{role}.seed{k}.wav", wav, sr)
+            if role != "reference":
+                write_wav(self.out / "audio" / f"{p.id}.{role}.seed{k}.wav", wav, sr)
             clips.append((wav, sr))
         return clips
 
@@ -393,45 +419,26 @@ class Run:
         where = f"{self.prompts_path}:{p.line}: prompt {p.id}"
         return e if str(e).startswith(str(self.prompts_path)) else BadInput(f"{where}: {e}")
 
-    def _load(self, engine: Engine, role: str, model_dir, prompts: list[Prompt], fault, index: dict[str, int]) -> Engine:
-        """Load one side; a checkpoint that does not load is bad input (exit 2), OOM is exit 3."""
-        device = str(getattr(engine, "device", "cpu"))
-        if device.startswith("cuda") and torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            engine.load()
-        except BaseException as e:
-            engine.close()  # free whatever a half-done load allocated
-            if isinstance(e, (BadInput, KeyboardInterrupt, torch.OutOfMemoryError, MemoryError)) or not _is_checkpoint_error(e):
-                raise
-            raise BadInput(f"[{role}] model '{self.recipe.model}' does not load ({_one_line(e)}); "
-                           "check the checkpoint (parity run --model DIR|HUB_ID|random:tiny)") from None
-        if not self._checked:  # a hub id: its files exist only now
-            self._checked = True
-            check_loaded_checkpoint(model_dir, prompts, self.recipe, self.prompts_path)
+    def _load(self, engine: Engine, role: str, fault, index: dict[str, int]) -> Engine:
+        """Load one side through the shared lifecycle (exit 2 for a checkpoint that does not
+        load, 3 for OOM); wrap it in the test hook's fault injector when PARITY_FAULT names it."""
+        engine = self.host.load(engine, role)
         if fault and fault[0] == role:
             return FaultInjector(engine, index, fault[1], fault[2])  # type: ignore[return-value]
         return engine
 
     def _release(self, engine: Engine, role: str) -> None:
         """Free a side's model before the next loads, and note its peak memory."""
-        device = str(getattr(engine, "device", "cpu"))
-        engine.close()
-        gc.collect()
-        self.peak[role] = peak_memory(device)
+        self.host.release(engine._engine if isinstance(engine, FaultInjector) else engine, role)
 
-    def _run_truth(self, prompts: list[Prompt], ref_traces: dict[str, Trace], model_dir, meta: dict) -> dict[str, Trace]:
+    def _run_truth(self, prompts: list[Prompt], ref_traces: dict[str, Trace], meta: dict) -> dict[str, Trace]:
         """The recipe's optional [truth] side, teacher-forced on the reference's codes like the candidate."""
-        engine = make_engine(self.recipe.truth, model_dir)
-        engine.load()
-        meta["sides"]["truth"] = engine.describe()
         traces: dict[str, Trace] = {}
-        try:
+        with self.host.loaded(self.recipe.truth, "truth") as engine:
+            meta["sides"]["truth"] = engine.describe()
             for p in prompts:
                 traces[p.id] = engine.run(p, self.recipe.decoding, force=ref_traces[p.id])
                 traces[p.id].save(self.out / "traces", f"{p.id}.truth", tokens_only=self.recipe.traces == "tokens")
-        finally:
-            self._release(engine, "truth")
         return traces
 
     def _finish_prompt(self, p: Prompt, ref: Trace, forced: Trace, free: Trace, timing: dict, truth: Trace | None = None,

@@ -164,7 +164,7 @@ def _prompt_view(p: dict, index: int, run_dir: Path) -> dict:
         view["notes"].append("traces are missing: no token timeline")
     else:
         charts["tokens"] = plots.token_timeline(tokens.ref_cb0, tokens.cand_cb0, tokens.forced_cb0_flip,
-                                                tokens.forced_pred_flips, c.get("first_flip"))
+                                                tokens.forced_pred_flips, c.get("first_flip"), tokens.pred_substeps)
     markers = []
     if first:
         markers.append(("first divergence", _seconds(first["step"]), plots.COLORS["marker"]))
