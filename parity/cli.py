@@ -123,7 +123,7 @@ def _run(prompts: Path, rec, out: Path, force: bool, resume: bool, refresh_refer
         except KeyboardInterrupt as e:  # typer would swallow it into a bare exit 130
             raise _Stopped(e) from None
     print_summary(summary, console)
-    console.print(_cache_line(summary.get("reference_cache") or {}), markup=False, highlight=False, soft_wrap=True)
+    console.print(_cache_line(summary.extra.get("reference_cache") or {}), markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {out}/summary.json, junit.xml, report.html")
     raise typer.Exit(0 if summary.passed else 1)
 
