@@ -120,8 +120,8 @@ def _pearson(xs: list[float], ys: list[float]) -> float | None:
 def summarize_rows(results: list[dict]) -> dict | None:
     """The run-level answer over every row: how many rows depend on their batch-mates, how many
     diverge from the prefill on, and the prefill error next to each row's padding."""
-    rows = [(r["id"], r["comparison"]["batch"]) for r in results
-            if r.get("status") == "ok" and (r.get("comparison") or {}).get("batch")]
+    rows = [(r["id"], r.get("batch") or (r.get("comparison") or {}).get("batch")) for r in results if r.get("status") == "ok"]
+    rows = [(pid, b) for pid, b in rows if b]
     if not rows:
         return None
     table = [{"prompt": pid, "row": b["row"], "pad": b["pad"], "prefill_len": b["prefill_len"],

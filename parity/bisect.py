@@ -28,14 +28,14 @@ plus 1 + ceil(log2 L) for the layer bisect over L layers.
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from parity.errors import BadInput
 from parity.recipe import Recipe, Side
+from parity.results import BisectOutcome
 
 FIELDS = ("engine", "dtype", "device", "attention", "cache", "tf32", "batch")
 LOAD_FIELDS = ("engine", "dtype", "device")  # need a freshly loaded model; the rest change in place
@@ -120,50 +120,19 @@ def configure(ref: Side, factors: Iterable[Factor], extra_variants: Iterable[str
 
 # -- runs -------------------------------------------------------------------------------------
 
-@dataclass
-class Outcome:
-    """One configuration run (over all prompts) and whether it diverges."""
-
-    run: int
-    purpose: str  # candidate / alone / search / proof / removed / layers
-    factors: list[str]
-    side: str
-    diverges: bool
-    first_divergence: dict | None = None  # of the first prompt that diverges
-    first_nonfinite: dict | None = None
-    max_rel_l2: float | None = None
-    seconds: float = 0.0
-    layers: str | None = None  # for layer-bisect runs: which layers the culprit was applied to
-    hints: list[str] = field(default_factory=list)  # compare's signature hints for the first diverging prompt
-
-    def text(self) -> str:
-        """'diverges at talker step 0 layer0 (rel L2 0.012)' or 'parity (max rel L2 3e-4)'."""
-        from parity.gates import where
-
-        if self.diverges and self.first_divergence:
-            d = self.first_divergence
-            return f"diverges at {where(d)} (rel L2 {_fmt(d['rel_l2'])})"
-        return f"parity (max rel L2 {_fmt(self.max_rel_l2)})"
-
-    def short(self) -> str:
-        """Table cell: 'diverges: talker 0 layer0, 0.012' / 'parity, max 3e-4' (run number after)."""
-        if self.diverges and self.first_divergence:
-            d = self.first_divergence
-            at = f"{d['step']}" + (f".{d['substep']}" if d["component"] == "predictor" else "")
-            return f"diverges: {d['component']} {at} {d['point']}, {_fmt(d['rel_l2'])} (run {self.run})"
-        return f"parity, max {_fmt(self.max_rel_l2)} (run {self.run})"
-
-
-def _fmt(v) -> str:
-    return v if isinstance(v, str) else ("-" if v is None else f"{v:.2g}")
+Outcome = BisectOutcome  # one configuration run; the record lives in parity.results
 
 
 class Runner:
     """Runs configurations teacher-forced on the cached reference traces; keeps loaded engines
     (one per load-time setting when the engine can be reconfigured in place), counts runs and loads."""
 
-    def __init__(self, recipe: Recipe, prompts: list, steps: int, model_dir, progress: Callable[[str], None] | None = None):
+    def __init__(self, recipe: Recipe, prompts: list, steps: int, model_dir, progress: Callable[[str], None] | None = None,
+                 host=None):
+        from parity.engines.lifecycle import EngineHost
+
         self.recipe = recipe
+        self.host = host or EngineHost(recipe, model_dir, prompts)
         self.prompts = prompts
         self.decoding = replace(recipe.decoding, max_frames=steps)
         self.model_dir = model_dir
@@ -175,16 +144,14 @@ class Runner:
         self.reference_traces: dict[str, Any] = {}
 
     def _engine(self, side: Side):
-        from parity.engines.base import make_engine
-
         load_key = tuple(getattr(side, f) for f in LOAD_FIELDS)
         engine = self.engines.get(load_key) or self.engines.get(side)
         if engine is None:
-            engine = make_engine(side, self.model_dir)
-            engine.load()
+            role = "reference" if side == self.recipe.reference else side.label()
+            engine = self.host.load(self.host.make(side, role), role)
             self.loads += 1
             if side.variants and getattr(engine, "applied", None) is None:
-                engine.close()
+                self.host.release(engine, role)
                 raise BadInput(f"the {side.engine} engine does not apply variants ({', '.join(side.variants)}); "
                                "bisect them on the reference engine")
             self.engines[load_key if hasattr(engine, "reconfigure") else side] = engine
@@ -199,14 +166,14 @@ class Runner:
             self.reference_traces[p.id] = engine.run(p, self.decoding)
 
     def execute(self, side: Side, purpose: str, factors: list[str], layers: str | None = None) -> Outcome:
-        from parity import compare
+        from parity.analysis import compare_traces
 
         self.runs += 1
         self.progress(f"run {self.runs} ({purpose}): {side.label()}")
         t0 = time.perf_counter()
         engine = self._engine(side)
         out = Outcome(self.runs, purpose, factors, side.label(), False, layers=layers)
-        worst = 0.0
+        worst, nonfinite = 0.0, False
         batched = None
         if side.batch > 1:  # every prompt as a row of a batch, forced on its own batch-1 reference
             from parity.batching import run_batched
@@ -215,29 +182,26 @@ class Runner:
         for p in self.prompts:
             ref = self.reference_traces[p.id]
             cand = batched[p.id] if batched is not None else engine.run(p, self.decoding, force=ref)
-            points = compare.point_frame(cand, ref, self.tol)
-            summary = compare.summarize(points, cand, ref, None, self.tol)
-            m = summary["max_rel_l2"]  # a float, "inf" or None (nothing compared)
-            if m is not None:
-                worst = max(worst, math.inf if m == "inf" else m)
-            if summary["first_divergence"] is not None and not out.diverges:
+            c = compare_traces(cand, ref, self.tol)
+            worst = max(worst, c.max_rel_l2 or 0.0)
+            nonfinite = nonfinite or c.nonfinite_points > 0
+            if c.first_divergence is not None and not out.diverges:
                 out.diverges = True
-                out.first_divergence = {**summary["first_divergence"], "prompt": p.id}
-                out.first_nonfinite = summary["first_nonfinite"]
-                out.hints = [h["text"] for h in summary["hints"]]
-        out.max_rel_l2 = worst if math.isfinite(worst) else "inf"
+                out.first_divergence, out.prompt = c.first_divergence, p.id
+                out.first_nonfinite = c.first_nonfinite
+                out.hints = [h["text"] for h in c.hints]
+        out.max_rel_l2, out.nonfinite = worst, nonfinite
         out.seconds = time.perf_counter() - t0
         return out
 
     def layer_counts(self) -> dict[str, int]:
-        """Decoder layers per component, read from the loaded reference model."""
-        engine = self._engine(self.recipe.reference)
-        talker = engine.talker if hasattr(engine, "talker") else engine.tts.model.model.talker  # reference / faster
-        return {"talker": len(talker.model.layers), "predictor": len(talker.code_predictor.model.layers)}
+        """Decoder layers per component, from the layout the loaded reference engine declares."""
+        layout = self._engine(self.recipe.reference).layout()
+        return {c.name: c.layers for c in layout.components}
 
     def close(self) -> None:
         for engine in self.engines.values():
-            engine.close()
+            self.host.release(engine, engine.side.label())
         self.engines.clear()
 
 
@@ -303,7 +267,7 @@ class Search:
         names = [f.name for f in self.factors]
         result: dict[str, Any] = {"factors": [asdict(f) | {"describe": f.describe()} for f in self.factors]}
         full = self.test(names, "candidate")
-        result["candidate_run"] = asdict(full)
+        result["candidate_run"] = full.to_json()
         if not full.diverges:
             result["verdict"] = "no divergence: the candidate stays within tolerance over these frames; nothing to explain"
             return self._finish(result)
@@ -326,14 +290,14 @@ class Search:
         holds = again.diverges and (without is None or not without.diverges)
         result["culprits"] = culprits
         result["proof"] = {
-            "culprits_alone": asdict(again),
-            "candidate_without": None if without is None else asdict(without),
+            "culprits_alone": again.to_json(),
+            "candidate_without": None if without is None else without.to_json(),
             "candidate_without_is_reference": without is None,
             "holds": holds,
         }
         removed = {n: self.test([m for m in names if m != n], "removed") for n in names}
-        result["alone"] = {n: asdict(o) for n, o in alone.items()}
-        result["removed"] = {n: asdict(o) for n, o in removed.items()}
+        result["alone"] = {n: o.to_json() for n, o in alone.items()}
+        result["removed"] = {n: o.to_json() for n, o in removed.items()}
         settings_runs = len(self.log)
         result["layers"] = [self.layer_bisect(c, culprits, alone[c]) for c in culprits if self.by_name[c].per_layer]
         result["verdict"] = (
@@ -385,7 +349,7 @@ class Search:
         while hi - lo > 1:
             mid = (lo + hi) // 2
             out = prefix(mid)
-            entry["runs"].append(asdict(out))
+            entry["runs"].append(out.to_json())
             lo, hi = (lo, mid) if out.diverges else (mid, hi)
         component, layer = positions[hi - 1]
         entry["first_layer"] = {"component": component, "layer": layer}
@@ -397,7 +361,7 @@ class Search:
         return entry
 
     def _finish(self, result: dict) -> dict:
-        result["runs"] = [asdict(o) for o in self.log]
+        result["runs"] = [o.to_json() for o in self.log]
         result["counts"] = {
             "runs": len(self.log),
             "settings_runs": result.get("settings_runs", len(self.log)),
@@ -418,6 +382,9 @@ def bisect(prompts_path: Path, recipe: Recipe, factors: list[str] | None, steps:
     from parity.prompts import load_prompts
     from parity.run import write_json
 
+    from parity.engines.lifecycle import EngineHost, engine_failure
+    from parity.errors import ParityError
+
     if steps < 1:
         raise BadInput(f"--steps must be at least 1, got {steps}")
     prompts = load_prompts(prompts_path)
@@ -436,14 +403,24 @@ def bisect(prompts_path: Path, recipe: Recipe, factors: list[str] | None, steps:
                       factors=[], runs=[], counts={"runs": 0, "settings_runs": 0, "layer_runs": 0, "proof_reruns": 0})
         result["counts"].update(reference_runs=0, loads=0, seconds=0.0)
     else:
-        runner = Runner(recipe, prompts, steps, resolve_model(recipe.model, recipe.model_seed), progress)
+        model_dir = resolve_model(recipe.model, recipe.model_seed)
+        # The same lifecycle as parity run: preflight before any load (prompt fit checked for the
+        # bisect's frame count), checkpoint errors exit 2, engine crashes and OOM exit 3.
+        host = EngineHost(recipe, model_dir, prompts, Path(prompts_path))
+        host.preflight(replace(recipe, decoding=replace(recipe.decoding, max_frames=steps)))
+        runner = Runner(recipe, prompts, steps, model_dir, progress, host)
         try:
             runner.run_reference()
             search = Search(recipe.reference, chosen, runner.execute, runner.layer_counts)
             result.update(search.run())
+        except ParityError:
+            raise
+        except Exception as e:
+            raise engine_failure(e, f"bisect run {runner.runs}") from e
         finally:
             runner.close()
         result["counts"].update(reference_runs=1, loads=runner.loads, seconds=time.perf_counter() - t0)
+        result["peak_memory"] = host.peak
     if out is not None:
         out = Path(out)
         try:
@@ -515,11 +492,11 @@ def render(result: dict, console) -> None:
 
 
 def _text(o: dict) -> str:
-    return Outcome(**o).text()
+    return Outcome.from_json(o).text()
 
 
 def _cell(o: dict | None, bad_if: bool) -> str:
     if o is None:
         return "-"
     color = "red" if o["diverges"] == bad_if else "green"
-    return f"[{color}]{Outcome(**o).short()}[/]"
+    return f"[{color}]{Outcome.from_json(o).short()}[/]"

@@ -77,6 +77,7 @@ def run(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
     mos: Annotated[Optional[str], typer.Option("--mos", help="Scorers for both sides' audio: dnsmos, utmos, dnsmos,utmos or none.")] = None,
     utmos_checkpoint: Annotated[Optional[str], typer.Option("--utmos-checkpoint", help="Local UTMOS22-strong checkpoint (file or SpeechMOS clone).")] = None,
+    refresh_reference: Annotated[bool, typer.Option("--refresh-reference", help="Run the reference again instead of reusing its cached traces (and re-cache them).")] = False,
 ) -> None:
     """Run reference and candidate on every prompt and report where they first diverge."""
     import signal
@@ -95,13 +96,13 @@ def run(
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal() works only there
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
-        _run(prompts, rec, out, force, resume)
+        _run(prompts, rec, out, force, resume, refresh_reference)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _run(prompts: Path, rec, out: Path, force: bool, resume: bool) -> None:
+def _run(prompts: Path, rec, out: Path, force: bool, resume: bool, refresh_reference: bool = False) -> None:
     from parity.report.console import print_summary
     from parity.run import Run
 
@@ -116,12 +117,26 @@ def _run(prompts: Path, rec, out: Path, force: bool, resume: bool) -> None:
             bar.refresh()
 
         try:
-            summary = Run(prompts, rec, out, command, progress).execute(force=force, resume=resume)
+            run = Run(prompts, rec, out, command, progress, refresh_reference)
+            run.freeze_heap = True  # this process runs one command
+            summary = run.execute(force=force, resume=resume)
         except KeyboardInterrupt as e:  # typer would swallow it into a bare exit 130
             raise _Stopped(e) from None
     print_summary(summary, console)
+    console.print(_cache_line(summary.extra.get("reference_cache") or {}), markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {out}/summary.json, junit.xml, report.html")
-    raise typer.Exit(0 if summary["passed"] else 1)
+    raise typer.Exit(0 if summary.passed else 1)
+
+
+def _cache_line(info: dict) -> str:
+    """One console line on where the reference's traces came from."""
+    if "off" in info:
+        return f"reference cache: off ({info['off']})"
+    hits, misses = info.get("hits", 0), info.get("misses", 0)
+    if info.get("refreshed"):
+        return f"reference cache: --refresh-reference: {info['refreshed']} prompts run again and stored ({info.get('dir')})"
+    rebuilt = f", {info['rebuilt']} corrupt entr{'y' if info['rebuilt'] == 1 else 'ies'} rebuilt" if info.get("rebuilt") else ""
+    return f"reference cache: {hits} of {hits + misses} prompts reused, {misses} run and stored{rebuilt} ({info.get('dir')})"
 
 
 @app.command()
@@ -158,36 +173,99 @@ def bisect(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written by parity run.")]) -> None:
     """Re-render report.html (and junit.xml) from a saved run."""
-    import json
-
-    from parity.errors import BadInput
+    from parity.reanalysis import read_summary
     from parity.report import html, junit
 
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise BadInput(f"'{run_dir}' has no summary.json; pass a directory written by parity run")
-    try:
-        summary = json.loads(summary_path.read_text())
-    except json.JSONDecodeError as e:
-        raise BadInput(f"'{summary_path}' is not valid JSON (line {e.lineno}); re-run parity run") from None
-    _check_summary(summary, summary_path)
+    summary = read_summary(run_dir)
     junit.write(summary, run_dir / "junit.xml")
     html.write(summary, run_dir, run_dir / "report.html")
     console.print(f"wrote {run_dir}/report.html")
 
 
-def _check_summary(summary, path: Path) -> None:
-    """A summary.json is read back from disk: its prompt ids name files under the run directory,
-    so they must be ids parity itself could have written (no path separators, no '..')."""
+@app.command(name="compare")
+def compare_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="RUN_DIR to re-analyse, or RUN_A RUN_B: two candidate runs against the same reference.")],
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe whose tolerances, gates and MOS gates to apply (its engine settings must match the run's).")] = None,
+    set_: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write (default: <last RUN>/compare).")] = None,
+) -> None:
+    """Re-analyse a saved run without loading any model, or compare two runs made against the same reference."""
     from parity.errors import BadInput
-    from parity.prompts import _ID_RE
 
-    prompts = summary.get("prompts") if isinstance(summary, dict) else None
-    if not isinstance(prompts, list) or not all(isinstance(p, dict) for p in prompts):
-        raise BadInput(f"'{path}' is not a parity summary (no prompt list); re-run parity run")
-    for p in prompts:
-        if not isinstance(p.get("id"), str) or not _ID_RE.fullmatch(p["id"]):
-            raise BadInput(f"'{path}': prompt id {p.get('id')!r} is not a valid id (A-Z a-z 0-9 . _ -); re-run parity run")
+    if len(runs) not in (1, 2):
+        raise BadInput(f"parity compare takes one run directory (re-analyse it) or two (RUN_A RUN_B), got {len(runs)}")
+    target = out or runs[-1] / "compare"
+    if len(runs) == 1:
+        from parity.reanalysis import reanalyse
+        from parity.report.console import print_summary
+
+        summary = reanalyse(runs[0], recipe, set_ or [], target)
+        print_summary(summary, console)
+        console.print(f"wrote {target}/summary.json, junit.xml, report.html")
+        raise typer.Exit(0 if summary.passed else 1)
+    from parity.versus import compare_runs, print_changes, write_changes
+
+    changes = compare_runs(runs[0], runs[1], recipe, set_ or [])
+    print_changes(changes, console)
+    write_changes(changes, target)
+    console.print(f"wrote {target}/compare.json")
+    raise typer.Exit(1 if changes.regressed else 0)
+
+
+@app.command()
+def engines() -> None:
+    """List the engines a recipe can name: built-ins and those added through the 'parity.engines' entry points."""
+    from rich.table import Table
+
+    from parity.engines.registry import ENTRY_POINT_GROUP, entries
+
+    table = Table(title=f"engines (add one with a '{ENTRY_POINT_GROUP}' entry point; see docs/engines.md)")
+    for col in ("name", "class", "from"):
+        table.add_column(col, overflow="fold")
+    for e in entries():
+        table.add_row(e.name, e.target, e.source + (" - shadowed by the built-in, not used" if e.shadowed else ""))
+    console.print(table)
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The reference-trace cache ($PARITY_CACHE/reference-traces).")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+def cache_list() -> None:
+    """List cached reference traces, most recently used first."""
+    from rich.table import Table
+
+    from parity.refcache import cache_dir, entries
+
+    rows = entries()
+    table = Table(title=f"reference cache: {cache_dir()}")
+    for col in ("key", "status", "prompt", "reference side", "frames", "size", "last used"):
+        table.add_column(col, overflow="fold")
+    for e in rows:
+        table.add_row(e.key[:12], "ok" if e.ok else "corrupt", e.prompt, e.side, str(e.frames or "?"),
+                      f"{e.bytes / 1024:.0f} KiB", time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)))
+    console.print(table)
+    total = sum(e.bytes for e in rows)
+    console.print(f"{len(rows)} entries, {total / 1024 / 1024:.1f} MiB", markup=False, highlight=False)
+
+
+@cache_app.command("prune")
+def cache_prune(
+    older_than: Annotated[Optional[str], typer.Option("--older-than", help="Remove entries not used for this long: 30m, 12h, 7d, 2w.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False,
+) -> None:
+    """Remove cached reference traces (corrupt or partial ones always go)."""
+    from parity.errors import BadInput
+    from parity.refcache import cache_dir, parse_age, prune
+
+    if older_than is None and not all_:
+        raise BadInput("parity cache prune needs --older-than AGE (e.g. 7d) or --all")
+    if older_than is not None and all_:
+        raise BadInput("--older-than and --all exclude each other; pass one")
+    result = prune(parse_age(older_than) if older_than else None, all_)
+    console.print(f"removed {result['removed']} entries ({result['freed_bytes'] / 1024 / 1024:.1f} MiB), kept {result['kept']} "
+                  f"in {cache_dir()}", markup=False, highlight=False)
 
 
 @app.command()

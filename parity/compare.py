@@ -1,8 +1,9 @@
 """Compare two traces: per-point error metrics, first divergence, error added per layer, first
 token flip (with rank and logit margin), and free-running token agreement.
 
-Points are ordered as they execute: talker step s (embed, layers, logits), then the 15 predictor
-sub-steps of frame s, then talker step s+1. "Relative L2" is ||cand - ref|| / ||ref||.
+Points are ordered as they execute: talker step s (embed, layers, logits), then the predictor
+sub-steps of frame s (as many as the trace layout declares: 15 on Qwen3-TTS), then talker step
+s+1. A side recorded without layers (an engine that cannot hook them) is compared on its logits. "Relative L2" is ||cand - ref|| / ||ref||.
 """
 
 from __future__ import annotations
@@ -39,21 +40,24 @@ def _metrics(cand: torch.Tensor, ref: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def _rows(component: str, hidden_c, hidden_r, logits_c, logits_r, tol: float) -> pd.DataFrame:
     """Rows for one component. hidden: [..., P, H] with P = embed + layers; logits: [..., V]."""
-    if hidden_c.numel() == 0:
+    if logits_c.numel() == 0 or logits_r.numel() == 0:
         return pd.DataFrame(columns=COLUMNS + ["finite"])
-    n_points = hidden_c.shape[-2]
-    lead = hidden_c.shape[:-2]
-    mh = _metrics(hidden_c, hidden_r)  # [..., P]
+    lead = logits_c.shape[:-1]
+    # Hidden points only where both sides recorded them; otherwise the logits alone are compared.
+    with_hidden = hidden_c.numel() > 0 and hidden_r.numel() > 0 and hidden_c.shape[-2] == hidden_r.shape[-2]
+    n_points = hidden_c.shape[-2] if with_hidden else 0
+    mh = _metrics(hidden_c, hidden_r) if with_hidden else {}  # [..., P]
     ml = _metrics(logits_c, logits_r)  # [...]
     frames = []
     for p in range(n_points + 1):
-        m = {k: (v[..., p] if p < n_points else ml[k]) for k, v in mh.items()}
+        m = {k: (mh[k][..., p] if p < n_points else v) for k, v in ml.items()}
         idx = np.indices(tuple(lead)).reshape(len(lead), -1)
         step = idx[0]
         sub = idx[1] if len(lead) == 2 else np.full_like(step, -1)
-        name = "embed" if p == 0 else ("logits" if p == n_points else f"layer{p - 1}")
+        name = "logits" if p == n_points else ("embed" if p == 0 else f"layer{p - 1}")
+        layer = p - 1 if with_hidden else 0  # logits sit after the last layer; alone, they are the only point
         frames.append(pd.DataFrame({
-            "component": component, "step": step, "substep": sub, "layer": p - 1, "point": name,
+            "component": component, "step": step, "substep": sub, "layer": layer, "point": name,
             **{k: v.reshape(-1).numpy() for k, v in m.items()},
         }))
     df = pd.concat(frames, ignore_index=True).sort_values(["step", "substep", "layer"], kind="stable")
@@ -128,7 +132,7 @@ def first_flip(cand: Trace, ref: Trace) -> Flip | None:
         if ref_tok != cand_tok:
             return _flip_at("talker", s, -1, cand.talker_logits[s], ref.talker_logits[s], ref_tok, cand_tok, talker_allowed)
         if s < f_max:
-            for j in range(15):
+            for j in range(ref.codes.shape[1] - 1):  # the predictor's sub-steps: codebooks 1..
                 ref_tok, cand_tok = int(ref.codes[s, j + 1]), int(cand.pred_choice[s, j])
                 if ref_tok != cand_tok:
                     return _flip_at("predictor", s, j, cand.pred_logits[s, j], ref.pred_logits[s, j], ref_tok, cand_tok, pred_allowed)

@@ -110,6 +110,22 @@ def normalise_loudness(wav: np.ndarray, dbfs: float = TARGET_DBFS) -> np.ndarray
     return wav * gain
 
 
+DNSMOS_WINDOW_S = 9.01  # the length DNSMOS scores; speechmos repeats shorter clips up to it
+
+
+def one_window(audio: np.ndarray, sr: int) -> np.ndarray:
+    """A clip shorter than DNSMOS's window, repeated to exactly one window.
+
+    speechmos repeats a short clip by doubling until it passes 9.01 s and then scores every
+    1-second hop: a 2 s clip becomes 16 s and 7 windows of the same repeated signal, 7x the
+    cost of one. Repeating it to one window scores the same repeated signal once.
+    """
+    need = int(DNSMOS_WINDOW_S * sr) + 1
+    if len(audio) == 0 or len(audio) >= need:
+        return audio
+    return np.tile(audio, -(-need // len(audio)))[:need]
+
+
 class DnsmosScorer:
     """DNSMOS P.835 (OVRL/SIG/BAK) and P.808 from Microsoft's ``speechmos`` package."""
 
@@ -132,7 +148,7 @@ class DnsmosScorer:
 
     def score(self, wav: np.ndarray, sr: int) -> dict[str, float]:
         """Resample to 16 kHz, normalise to -26 dBFS and return ovrl, sig, bak and p808."""
-        audio = normalise_loudness(resample(wav, sr, self.sample_rate))
+        audio = one_window(normalise_loudness(resample(wav, sr, self.sample_rate)), self.sample_rate)
         out = self._run(audio.astype(np.float32), self.sample_rate)
         return {
             "ovrl": float(out["ovrl_mos"]),

@@ -31,6 +31,7 @@ class Recorder:
         self.predictor = talker.code_predictor
         self.n_talker_layers = len(talker.model.layers)
         self.n_pred_layers = len(self.predictor.model.layers)
+        self.n_substeps = int(talker.config.num_code_groups) - 1  # predictor sub-steps per frame
         self.context: tuple | None = None
         self.slots: dict[tuple, dict[str, torch.Tensor]] = {}
         self.hits: dict[str, int] = {}
@@ -97,7 +98,7 @@ class Recorder:
         pred_hidden, pred_logits = [], []
         for f in range(n_frames):
             rows_h, rows_l = [], []
-            for j in range(15):
+            for j in range(self.n_substeps):
                 slot = self._slot(("predictor", f, j), pred_points + ["logits"])
                 rows_h.append(torch.stack([slot[p][row] for p in pred_points]))
                 rows_l.append(slot["logits"][row])
@@ -109,8 +110,8 @@ class Recorder:
         return {
             "talker_hidden": torch.stack(talker_hidden),
             "talker_logits": torch.stack(talker_logits),
-            "pred_hidden": torch.stack(pred_hidden) if pred_hidden else torch.zeros(0, 15, len(pred_points), hp),
-            "pred_logits": torch.stack(pred_logits) if pred_logits else torch.zeros(0, 15, vp),
+            "pred_hidden": torch.stack(pred_hidden) if pred_hidden else torch.zeros(0, self.n_substeps, len(pred_points), hp),
+            "pred_logits": torch.stack(pred_logits) if pred_logits else torch.zeros(0, self.n_substeps, vp),
         }
 
     def _slot(self, key: tuple, points: list[str]) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from parity.errors import BadInput
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("eager", "sdpa")
 DEVICES = ("auto", "cpu", "cuda")
-ENGINES = ("reference", "faster")
+ENGINES = ("reference", "faster")  # the engines of the Qwen3-TTS comparison; every registered name is accepted (parity.engines.registry)
 MAX_STATIC_LEN = 1 << 20  # positions; beyond any TTS prompt + audio, and a typo guard against huge allocations
 MAX_SEED = (1 << 63) - 1
 
@@ -161,8 +161,9 @@ def _check_value(where: str, key: str, value: Any, typ: Any) -> Any:
 
 def _validate_side(where: str, side: Side) -> Side:
     """Range checks on one side; returns it with its variant specs in canonical form."""
-    if side.engine not in ENGINES:
-        raise BadInput(f"{where}: unknown engine {side.engine!r}; available: {', '.join(ENGINES)}")
+    from parity.engines.registry import check_name, variant_family
+
+    check_name(side.engine, where)
     if side.dtype not in DTYPES:
         raise BadInput(f"{where}: dtype {side.dtype!r} is not one of {', '.join(DTYPES)}")
     if side.attention not in ATTENTIONS:
@@ -183,7 +184,10 @@ def _validate_side(where: str, side: Side) -> Side:
     from parity.variants import parse_all
 
     try:
-        specs = parse_all(side.variants, side.engine)
+        family = variant_family(side.engine)
+        if family is None:
+            raise BadInput(f"the {side.engine} engine applies no variants; remove 'variants' from this side")
+        specs = parse_all(side.variants, family)
     except BadInput as e:
         raise BadInput(f"{where}: {e}") from None
     return replace(side, variants=tuple(str(s) for s in specs))

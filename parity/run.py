@@ -16,27 +16,30 @@ whose reference trace is complete.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from parity import compare, gates as gates_mod, scoring
-from parity.engines.base import Engine, make_engine
+from parity import analysis, scoring
+from parity.analysis import first_nonfinite_point  # noqa: F401  (its old home)
+from parity.engines.base import Engine
+from parity.engines.lifecycle import EngineHost, one_line as _one_line
 from parity.env import fingerprint
 from parity.errors import BadInput, EngineFailure
 from parity.models import resolve_model
-from parity.preflight import check_loaded_checkpoint, preflight
+from parity.preflight import local_checkpoint
 from parity.prompts import Prompt, load_prompts
+from parity.outputs import write_json, write_outputs
 from parity.recipe import Recipe
+from parity.results import PromptResult, Summary
 from parity.trace import Trace
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -53,13 +56,6 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signal_name)
         self.signal_name = signal_name
         self.exit_code = exit_code
-
-
-def write_json(path: Path, data) -> None:
-    """Write JSON atomically: a killed run never leaves a half-written file behind."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str, ensure_ascii=False))
-    os.replace(tmp, path)
 
 
 def write_wav(path: Path, wav: np.ndarray, sr: int) -> None:
@@ -153,51 +149,12 @@ def check_resumable(previous: dict, current: dict, out: Path) -> None:
                        "resume with the same prompt file, or pass --force to start over")
 
 
-def first_nonfinite_point(trace: Trace) -> dict | None:
-    """The first NaN/inf point of a recorded trace in execution order (talker step s: embed,
-    layers, logits; then the predictor sub-steps of frame s), named as compare.py names points."""
-    if trace.talker_hidden.numel() == 0:
-        return None
-    t_bad = ~torch.isfinite(trace.talker_hidden).all(-1)  # [S, L+1]
-    tl_bad = ~torch.isfinite(trace.talker_logits).all(-1)  # [S]
-    has_pred = trace.pred_hidden.numel() > 0
-    p_bad = ~torch.isfinite(trace.pred_hidden).all(-1) if has_pred else None  # [F, 15, P+1]
-    pl_bad = ~torch.isfinite(trace.pred_logits).all(-1) if has_pred else None  # [F, 15]
-
-    def point(component: str, step: int, sub: int, bad_layers: torch.Tensor) -> dict:
-        hits = bad_layers.nonzero()
-        p = int(hits[0, 0]) if len(hits) else len(bad_layers)  # len() = the logits point
-        name = "embed" if p == 0 else ("logits" if p == len(bad_layers) else f"layer{p - 1}")
-        return {"component": component, "step": step, "substep": sub, "layer": p - 1, "point": name}
-
-    for s in range(t_bad.shape[0]):
-        if bool(t_bad[s].any() or tl_bad[s]):
-            return point("talker", s, -1, t_bad[s])
-        if has_pred and s < p_bad.shape[0]:
-            for j in range(p_bad.shape[1]):
-                if bool(p_bad[s, j].any() or pl_bad[s, j]):
-                    return point("predictor", s, j, p_bad[s, j])
-    return None
-
-
 def first_nonfinite_sample(wav: np.ndarray, sr: int) -> dict | None:
     """Where a waveform first holds NaN/inf (sample index and seconds), or None."""
     bad = np.flatnonzero(~np.isfinite(np.asarray(wav)))
     if not len(bad):
         return None
     return {"sample": int(bad[0]), "seconds": round(int(bad[0]) / sr, 4), "count": int(len(bad))}
-
-
-def peak_memory(device: str) -> dict:
-    """Peak memory so far: CUDA max_memory_allocated on a GPU (reset per side), else the process's
-    peak resident set size (cumulative over the process: the later side includes the earlier)."""
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return {"device": device, "kind": "cuda_max_memory_allocated", "bytes": int(torch.cuda.max_memory_allocated())}
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    scale = 1 if os.uname().sysname == "Darwin" else 1024
-    return {"device": "cpu", "kind": "process_peak_rss", "bytes": int(rss * scale)}
 
 
 # --- TEST HOOK -------------------------------------------------------------------------------
@@ -255,30 +212,22 @@ class FaultInjector:
 # --- end of TEST HOOK ------------------------------------------------------------------------
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
-def _is_checkpoint_error(e: Exception) -> bool:
-    """Exceptions from from_pretrained that mean a bad or unreachable checkpoint, not an engine bug."""
-    if isinstance(e, (OSError, ValueError, KeyError)) or type(e).__name__ == "SafetensorError":
-        return True
-    return isinstance(e, RuntimeError) and any(m in str(e) for m in ("size mismatch", "ignore_mismatched_sizes", "Error(s) in loading"))
-
-
 class Run:
     """One ``parity run`` invocation."""
 
-    def __init__(self, prompts_path: Path, recipe: Recipe, out: Path, command: str = "", progress: Progress | None = None):
+    def __init__(self, prompts_path: Path, recipe: Recipe, out: Path, command: str = "", progress: Progress | None = None,
+                 refresh_reference: bool = False):
         self.prompts_path = Path(prompts_path)
         self.recipe = recipe
         self.out = Path(out)
         self.command = command
         self.progress = progress or (lambda phase, done, total: None)
         self.tol = recipe.tolerance()
+        self.refresh_reference = refresh_reference
+        self.cache = None  # parity.refcache.ReferenceCache, when the reference can be cached
+        self.freeze_heap = False  # the CLI sets it: see EngineHost
 
-    def execute(self, force: bool = False, resume: bool = False) -> dict:
+    def execute(self, force: bool = False, resume: bool = False) -> Summary:
         """Run everything; returns the summary (also written to summary.json).
 
         Raises BadInput (exit 2) for bad input, found before anything is written where possible;
@@ -303,38 +252,60 @@ class Run:
             meta["test_fault"] = os.environ[FAULT_ENV]
         if previous is not None:
             check_resumable(previous, meta, self.out)
-        self._checked = preflight(prompts, self.recipe, model_dir, self.prompts_path)
+        self.host = EngineHost(self.recipe, model_dir, prompts, self.prompts_path, freeze_heap=self.freeze_heap)
+        self.host.preflight()
         # Scorers load before any engine, so a missing UTMOS checkpoint is refused up front.
         self.scorers = scoring.load_scorers(self.recipe.mos.scorers, self.recipe.mos.utmos_checkpoint)
-        engines = {role: self._make(getattr(self.recipe, role), model_dir, role) for role in ("reference", "candidate")}
+        engines = {role: self.host.make(getattr(self.recipe, role), role) for role in ("reference", "candidate")}
         prepare_out_dir(self.out, force, resume)
         todo = [p for p in prompts if not (resume and self._finished(p))]
+        self.cache = self._reference_cache(model_dir, fault)
+        meta["reference_cache"] = {"dir": str(self.cache.root)} if self.cache else {"off": self._cache_off_reason(model_dir, fault)}
+        meta["cpu_threads"] = torch.get_num_threads()
         write_json(self.out / "run.json", meta)
-        self.peak: dict[str, dict] = {}
+        self.peak = self.host.peak
         failure: BaseException | None = None
         try:
             self._run_sides(todo, engines, meta, prompts, model_dir, fault)
         except (Exception, KeyboardInterrupt) as e:  # keep what finished, mark the rest, then report
             failure = e
+        if self.cache is not None:
+            meta["reference_cache"].update(self.cache.summary())
+        meta["engine_load_s"] = dict(self.host.load_seconds)
         summary = self.write_summary(prompts, meta, failure)
         if isinstance(failure, (BadInput, KeyboardInterrupt)):
             raise failure
         if failure is not None:
-            raise EngineFailure(f"engine failed: {_one_line(failure)}; {summary['counts']['ran']} of "
+            raise EngineFailure(f"engine failed: {_one_line(failure)}; {summary.counts['ran']} of "
                                 f"{len(prompts)} prompts finished and are saved in {self.out}; rerun with --resume") from failure
         return summary
 
-    def _make(self, side, model_dir, role: str) -> Engine:
-        """Instantiate (not load) an engine, so an unusable side is refused before any work."""
-        try:
-            return make_engine(side, model_dir)
-        except ImportError as e:
-            raise BadInput(f"[{role}] engine '{side.engine}' is not available ({_one_line(e)}); install it or pick another engine") from None
+    def _cache_off_reason(self, model_dir, fault) -> str:
+        if fault and fault[0] == "reference":
+            return f"{FAULT_ENV} targets the reference"
+        if local_checkpoint(model_dir) is None:
+            return "the checkpoint is not downloaded yet (its weights digest is unknown)"
+        return "PARITY_REFERENCE_CACHE=off"
+
+    def _reference_cache(self, model_dir, fault):
+        """The reference-trace cache for this run, or None: off for a test fault on the reference,
+        for a hub id not downloaded yet (nothing to digest) and with PARITY_REFERENCE_CACHE=off."""
+        from parity.engines.registry import available
+        from parity.refcache import ReferenceCache, cache_dir
+
+        directory = local_checkpoint(model_dir)
+        if (fault and fault[0] == "reference") or directory is None or os.environ.get("PARITY_REFERENCE_CACHE") == "off":
+            return None
+        side = self.recipe.reference
+        if not str(side.device).startswith("cuda"):
+            self.host.set_cpu_threads()  # the thread count is part of the key
+        seeds = self.recipe.mos.seeds if self.recipe.mos.scorers else 1
+        return ReferenceCache(cache_dir(), directory, side, self.recipe.decoding, seeds, available()[side.engine].target)
 
     def _finished(self, p: Prompt) -> bool:
         """A prompt a previous run finished: a readable result and all its traces and audio."""
         files = [f"traces/{p.id}.{n}.{ext}" for n in ("reference", "candidate.forced", "candidate.free") for ext in ("safetensors", "json")]
-        files += [f"audio/{p.id}.reference.wav", f"audio/{p.id}.candidate.wav", f"points/{p.id}.csv.gz"]
+        files += [f"audio/{p.id}.reference.wav", f"audio/{p.id}.candidate.wav", f"points/{p.id}.csv.gz", f"points/{p.id}.measured.json"]
         return self._read_result(p) is not None and all((self.out / f).is_file() for f in files)
 
     def _read_result(self, p: Prompt) -> dict | None:
@@ -346,41 +317,63 @@ class Run:
         ok = isinstance(result, dict) and result.get("id") == p.id and result.get("status") == "ok"
         return result if ok else None
 
+    def _reference_side(self, prompts: list[Prompt], engine: Engine, meta: dict, all_prompts: list[Prompt], fault,
+                        index: dict[str, int]) -> tuple[dict[str, Trace], dict[str, list], Exception | None]:
+        """The reference over all prompts, from the cache where it holds them. The model loads
+        only on the first prompt the cache lacks. Returns (traces, audio, the failure if any)."""
+        ref_traces: dict[str, Trace] = {}
+        ref_audio: dict[str, list[tuple[np.ndarray, int]]] = {}
+        loaded: Engine | None = None
+        try:
+            for i, p in enumerate(prompts):
+                hit = None
+                if self.cache is not None and self.refresh_reference:
+                    self.cache.refreshed += 1
+                elif self.cache is not None:
+                    hit = self.cache.get(p)
+                if hit is not None:
+                    trace, clips = hit.trace, hit.audio
+                    meta["sides"].setdefault("reference", hit.describe)
+                else:
+                    if loaded is None:  # a load failure is not a prompt's: it propagates
+                        loaded = self._load(engine, "reference", fault, index)
+                        meta["sides"]["reference"] = loaded.describe()
+                    try:
+                        t0 = time.perf_counter()
+                        trace = loaded.run(p, self.recipe.decoding)
+                        trace.meta["seconds"] = time.perf_counter() - t0
+                        wav, sr = loaded.decode_audio(trace.codes)
+                        clips = [(wav, sr)] + self._extra_seeds(loaded, p, "reference")
+                    except BadInput as e:
+                        raise self._at(p, e) from None
+                    except Exception as e:  # finish the prompts before it on the candidate side, then fail
+                        return ref_traces, ref_audio, e
+                    trace.meta["reference_cache"] = {"hit": False}
+                    if self.cache is not None:
+                        trace.meta["reference_cache"]["key"] = self.cache.put(p, trace, clips, loaded.describe())
+                trace.meta["audio_nonfinite"] = first_nonfinite_sample(*clips[0])
+                trace.save(self.out / "traces", f"{p.id}.reference", tokens_only=self.recipe.traces == "tokens")
+                write_wav(self.out / "audio" / f"{p.id}.reference.wav", *clips[0])
+                for k, (wav, sr) in enumerate(clips[1:], start=1):
+                    write_wav(self.out / "audio" / f"{p.id}.reference.seed{k}.wav", wav, sr)
+                ref_traces[p.id], ref_audio[p.id] = trace, clips
+                self.progress("reference", i + 1, len(prompts))
+        finally:
+            if loaded is not None:
+                self._release(loaded, "reference")
+        return ref_traces, ref_audio, None
+
     def _run_sides(self, prompts: list[Prompt], engines: dict[str, Engine], meta: dict, all_prompts: list[Prompt],
                    model_dir, fault) -> None:
         """The reference over all prompts, then the candidate over those the reference finished."""
         if not prompts:
             return
         index = {p.id: i for i, p in enumerate(all_prompts)}
-        ref_traces: dict[str, Trace] = {}
-        ref_audio: dict[str, list[tuple[np.ndarray, int]]] = {}
-        ref_failure: Exception | None = None
-        engine = self._load(engines["reference"], "reference", model_dir, all_prompts, fault, index)
-        meta["sides"]["reference"] = engine.describe()
-        try:
-            for i, p in enumerate(prompts):
-                try:
-                    t0 = time.perf_counter()
-                    trace = engine.run(p, self.recipe.decoding)
-                    trace.meta["seconds"] = time.perf_counter() - t0
-                    wav, sr = engine.decode_audio(trace.codes)
-                    ref_audio[p.id] = [(wav, sr)] + self._extra_seeds(engine, p, "reference")
-                except BadInput as e:
-                    raise self._at(p, e) from None
-                except Exception as e:  # finish the prompts before it on the candidate side, then fail
-                    ref_failure = e
-                    break
-                trace.meta["audio_nonfinite"] = first_nonfinite_sample(wav, sr)
-                trace.save(self.out / "traces", f"{p.id}.reference", tokens_only=self.recipe.traces == "tokens")
-                write_wav(self.out / "audio" / f"{p.id}.reference.wav", wav, sr)
-                ref_traces[p.id] = trace
-                self.progress("reference", i + 1, len(prompts))
-        finally:
-            self._release(engine, "reference")
+        ref_traces, ref_audio, ref_failure = self._reference_side(prompts, engines["reference"], meta, all_prompts, fault, index)
         done = [p for p in prompts if p.id in ref_traces]
-        truth_traces = self._run_truth(done, ref_traces, model_dir, meta) if self.recipe.truth is not None and done else {}
+        truth_traces = self._run_truth(done, ref_traces, meta) if self.recipe.truth is not None and done else {}
         if done:
-            engine = self._load(engines["candidate"], "candidate", model_dir, all_prompts, fault, index)
+            engine = self._load(engines["candidate"], "candidate", fault, index)
             meta["sides"]["candidate"] = engine.describe()
             write_json(self.out / "run.json", meta)
             try:
@@ -405,9 +398,11 @@ class Run:
                     forced.save(self.out / "traces", f"{p.id}.candidate.forced", tokens_only=self.recipe.traces == "tokens")
                     free.save(self.out / "traces", f"{p.id}.candidate.free")
                     write_wav(self.out / "audio" / f"{p.id}.candidate.wav", wav, sr)
-                    timing = batched["timing"] if batched is not None else {"forced_s": t1 - t0, "free_s": t2 - t1}
-                    self._finish_prompt(p, ref, forced, free, {"reference_s": ref.meta["seconds"], **timing},
-                                        truth_traces.pop(p.id, None), ref_audio.pop(p.id), cand_audio,
+                    timing = {"reference_s": ref.meta["seconds"], "forced_s": t1 - t0, "free_s": t2 - t1,
+                              "reference_cached": bool((ref.meta.get("reference_cache") or {}).get("hit"))}
+                    if batched is not None:
+                        timing.update(batched["timing"])
+                    self._finish_prompt(p, ref, forced, free, timing, truth_traces.pop(p.id, None), ref_audio.pop(p.id), cand_audio,
                                         batch_other=batched["other"].get(p.id) if batched is not None else None)
                     self.progress("candidate", i + 1, len(done))
             finally:
@@ -442,7 +437,7 @@ class Run:
 
     def _extra_seeds(self, engine: Engine, p: Prompt, role: str) -> list[tuple[np.ndarray, int]]:
         """Free-running audio for seeds decoding.seed + 1 .. + (mos.seeds - 1), when sampling
-        (greedy decoding gives the same audio for every seed). Each WAV is kept under audio/."""
+        (greedy decoding gives the same audio for every seed). The caller writes each WAV under audio/."""
         decoding = self.recipe.decoding
         if not decoding.do_sample:
             return []
@@ -450,7 +445,8 @@ class Run:
         for k in range(1, self.recipe.mos.seeds):
             trace = engine.run(p, replace(decoding, seed=decoding.seed + k), record=False)
             wav, sr = engine.decode_audio(trace.codes)
-            write_wav(self.out / "audio" / f"{p.id}.{role}.seed{k}.wav", wav, sr)
+            if role != "reference":
+                write_wav(self.out / "audio" / f"{p.id}.{role}.seed{k}.wav", wav, sr)
             clips.append((wav, sr))
         return clips
 
@@ -459,120 +455,73 @@ class Run:
         where = f"{self.prompts_path}:{p.line}: prompt {p.id}"
         return e if str(e).startswith(str(self.prompts_path)) else BadInput(f"{where}: {e}")
 
-    def _load(self, engine: Engine, role: str, model_dir, prompts: list[Prompt], fault, index: dict[str, int]) -> Engine:
-        """Load one side; a checkpoint that does not load is bad input (exit 2), OOM is exit 3."""
-        device = str(getattr(engine, "device", "cpu"))
-        if device.startswith("cuda") and torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            engine.load()
-        except BaseException as e:
-            engine.close()  # free whatever a half-done load allocated
-            if isinstance(e, (BadInput, KeyboardInterrupt, torch.OutOfMemoryError, MemoryError)) or not _is_checkpoint_error(e):
-                raise
-            raise BadInput(f"[{role}] model '{self.recipe.model}' does not load ({_one_line(e)}); "
-                           "check the checkpoint (parity run --model DIR|HUB_ID|random:tiny)") from None
-        if not self._checked:  # a hub id: its files exist only now
-            self._checked = True
-            check_loaded_checkpoint(model_dir, prompts, self.recipe, self.prompts_path)
+    def _load(self, engine: Engine, role: str, fault, index: dict[str, int]) -> Engine:
+        """Load one side through the shared lifecycle (exit 2 for a checkpoint that does not
+        load, 3 for OOM); wrap it in the test hook's fault injector when PARITY_FAULT names it."""
+        engine = self.host.load(engine, role)
         if fault and fault[0] == role:
             return FaultInjector(engine, index, fault[1], fault[2])  # type: ignore[return-value]
         return engine
 
     def _release(self, engine: Engine, role: str) -> None:
         """Free a side's model before the next loads, and note its peak memory."""
-        device = str(getattr(engine, "device", "cpu"))
-        engine.close()
-        gc.collect()
-        self.peak[role] = peak_memory(device)
+        self.host.release(engine._engine if isinstance(engine, FaultInjector) else engine, role)
 
-    def _run_truth(self, prompts: list[Prompt], ref_traces: dict[str, Trace], model_dir, meta: dict) -> dict[str, Trace]:
+    def _run_truth(self, prompts: list[Prompt], ref_traces: dict[str, Trace], meta: dict) -> dict[str, Trace]:
         """The recipe's optional [truth] side, teacher-forced on the reference's codes like the candidate."""
-        engine = make_engine(self.recipe.truth, model_dir)
-        engine.load()
-        meta["sides"]["truth"] = engine.describe()
         traces: dict[str, Trace] = {}
-        try:
+        with self.host.loaded(self.recipe.truth, "truth") as engine:
+            meta["sides"]["truth"] = engine.describe()
             for p in prompts:
                 traces[p.id] = engine.run(p, self.recipe.decoding, force=ref_traces[p.id])
                 traces[p.id].save(self.out / "traces", f"{p.id}.truth", tokens_only=self.recipe.traces == "tokens")
-        finally:
-            self._release(engine, "truth")
         return traces
 
     def _finish_prompt(self, p: Prompt, ref: Trace, forced: Trace, free: Trace, timing: dict, truth: Trace | None = None,
                        ref_audio: list[tuple[np.ndarray, int]] | None = None,
                        cand_audio: list[tuple[np.ndarray, int]] | None = None, batch_other: Trace | None = None) -> None:
+        """Score both sides' audio and save what execute measured outside the traces
+        (points/<id>.measured.json), then judge the prompt with the same function ``parity
+        compare`` uses on the saved traces, and write points/<id>.csv.gz and results/<id>.json.
+        Voice cloning and batching add ``reference_clip`` (both sides' clip encodings compared)
+        and ``batch`` (where this row sat and what that did) to the result."""
+        mos_result = scoring.score_pairs(getattr(self, "scorers", {}), ref_audio or [], cand_audio or [])
+        ref_wav, sr = (ref_audio or [(None, 24000)])[0]
+        cand_wav = (cand_audio or [(None, sr)])[0][0]
+        prompt = {"id": p.id, "text": p.text, "line": p.line, "speaker": p.speaker, "language": p.language}
+        audio = {"reference": f"audio/{p.id}.reference.wav", "candidate": f"audio/{p.id}.candidate.wav"} if ref_audio and cand_audio else {}
+        nonfinite_audio = {"reference": ref.meta.get("audio_nonfinite"), "candidate": free.meta.get("audio_nonfinite")}
+        measured = analysis.measure_audio(prompt, timing, mos_result, audio, nonfinite_audio, ref_wav, cand_wav, sr)
+        analysis.save_measured(self.out, p.id, measured)
+        points, result = analysis.judge(analysis.PromptTraces(ref, forced, free, truth), measured, self.recipe)
         from parity import batching, refclip
 
-        points = compare.point_frame(forced, ref, self.tol)
-        points.drop(columns=["finite"]).to_csv(self.out / "points" / f"{p.id}.csv.gz", index=False)
-        comparison = compare.summarize(points, forced, ref, free, self.tol)
-        # Voice cloning: both sides encoded the reference clip; batching: where this row sat.
-        comparison["reference_clip"] = refclip.compare_encoding(forced, ref)
-        hint = refclip.encoding_hint(comparison["reference_clip"], self.tol)
+        result.extra["reference_clip"] = refclip.compare_encoding(forced, ref)
+        hint = refclip.encoding_hint(result.extra["reference_clip"], self.tol)
         if hint is not None:
-            comparison.setdefault("hints", []).insert(0, hint)
-        comparison["batch"] = batching.row_report(forced, ref, batch_other, comparison)
-        if truth is not None:  # which side is further from the truth: "different" vs "worse"
-            comparison["truth"] = compare.compare_truth(forced, ref, truth, self.tol)
-        # compare.py flags NaN/inf on the candidate's hidden states; the reference's and both
-        # waveforms are checked here, and the no_nonfinite gate covers them too.
-        comparison["first_nonfinite_reference"] = first_nonfinite_point(ref)
-        comparison["nonfinite_audio"] = {"reference": ref.meta.get("audio_nonfinite"), "candidate": free.meta.get("audio_nonfinite")}
-        mos_result = scoring.score_pairs(getattr(self, "scorers", {}), ref_audio or [], cand_audio or [])
-        audio_timing = {}
-        if ref_audio and cand_audio:
-            audio_timing = scoring.audio_timing(ref_audio[0][0], cand_audio[0][0], ref_audio[0][1], comparison, self.recipe.mos.audible_db)
-        gate_results = gates_mod.evaluate(self.recipe.gates, comparison, self.recipe.mos, mos_result)
-        extra = [f"reference {gates_mod.where(comparison['first_nonfinite_reference'])}"] if comparison["first_nonfinite_reference"] else []
-        extra += [f"{side} audio at {bad['seconds']} s" for side, bad in comparison["nonfinite_audio"].items() if bad]
-        for g in gate_results:
-            if g.name == "no_nonfinite" and extra:
-                g.detail = ("" if g.passed else g.detail + "; ") + "NaN/inf in " + ", ".join(extra)
-                g.passed = False
-        result = {
-            "id": p.id, "text": p.text, "line": p.line, "speaker": p.speaker, "language": p.language,
-            "status": "ok", "comparison": comparison, "gates": [asdict(g) for g in gate_results],
-            "passed": all(g.passed for g in gate_results), "timing": timing,
-            "audio": {"reference": f"audio/{p.id}.reference.wav", "candidate": f"audio/{p.id}.candidate.wav"},
-            # Codebook-0 sequences (free-running), small enough to keep for token timelines.
-            "codebook0": {"reference": ref.codes[:, 0].tolist(), "candidate": free.codes[:, 0].tolist()},
-            "mos": mos_result,
-            **audio_timing,
-        }
-        write_json(self.out / "results" / f"{p.id}.json", result)
+            result.extra["reference_clip_hint"] = hint
+        judged = result.comparison.to_json() if result.comparison else {}
+        result.extra["batch"] = batching.row_report(forced, ref, batch_other, judged)
+        points.drop(columns=["finite"]).to_csv(self.out / "points" / f"{p.id}.csv.gz", index=False)
+        write_json(self.out / "results" / f"{p.id}.json", result.to_json())
 
-    def write_summary(self, prompts: list[Prompt], meta: dict, failure: BaseException | None = None) -> dict:
+    def write_summary(self, prompts: list[Prompt], meta: dict, failure: BaseException | None = None) -> Summary:
         """Assemble summary.json (+ junit.xml, report.html) from the per-prompt results on disk.
         Prompts without a complete result are listed with status ``not_run``."""
-        from parity.report import html, junit
-
-        results = []
-        for p in prompts:
-            result = self._read_result(p)
-            results.append(result or {"id": p.id, "text": p.text, "line": p.line, "status": "not_run", "gates": [], "passed": False})
-        ran = [r for r in results if r["status"] == "ok"]
         if isinstance(failure, KeyboardInterrupt):
             failure_text = f"interrupted by {getattr(failure, 'signal_name', 'SIGINT')}"
         else:
             failure_text = None if failure is None else _one_line(failure)
-        summary = {
-            **meta,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "failure": failure_text,
-            "prompts": results,
-            "counts": {"prompts": len(results), "ran": len(ran), "passed": sum(r["passed"] for r in ran),
-                       "not_run": len(results) - len(ran)},
-            "passed": failure is None and len(ran) == len(results) and all(r["passed"] for r in ran),
-            "peak_memory": getattr(self, "peak", {}),
-        }
+        results = []
+        for p in prompts:
+            result = self._read_result(p)
+            results.append(PromptResult.from_json(result) if result else PromptResult(p.id, p.text, p.line, "not_run", False))
+        summary = analysis.summarize(results, {**meta, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, failure_text,
+                                     getattr(self, "peak", {}))
         from parity.batching import summarize_rows
 
-        batch = summarize_rows(results)
+        batch = summarize_rows([r.to_json() for r in results])
         if batch is not None:
-            summary["batch"] = batch
-        write_json(self.out / "summary.json", summary)
-        junit.write(summary, self.out / "junit.xml")
-        html.write(summary, self.out, self.out / "report.html")
+            summary.extra["batch"] = batch
+        write_outputs(summary, self.out)
         return summary

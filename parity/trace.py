@@ -20,9 +20,17 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from parity.layout import TraceLayout
+
+# Bump when what a saved trace means changes (fields, layout, storage): cached reference traces
+# of another version are never reused.
+TRACE_FORMAT_VERSION = 2
 
 TENSOR_FIELDS = (
     "talker_hidden", "talker_logits", "talker_tokens", "talker_choice",
@@ -66,6 +74,18 @@ class Trace:
     @property
     def n_steps(self) -> int:
         return int(self.talker_tokens.shape[0])
+
+    @property
+    def layout(self) -> "TraceLayout":
+        """The layout the engine declared (``meta["layout"]``), else read off the tensors' shapes."""
+        from parity.layout import TraceLayout, qwen3_tts_layout
+
+        if isinstance(self.meta.get("layout"), dict):
+            return TraceLayout.from_json(self.meta["layout"])
+        codebooks = int(self.codes.shape[1]) if self.codes.dim() == 2 and self.codes.shape[1] else int(self.pred_choice.shape[-1]) + 1
+        talker_layers = int(self.talker_hidden.shape[1]) - 1 if self.talker_hidden.dim() == 3 else 0
+        pred_layers = int(self.pred_hidden.shape[2]) - 1 if self.pred_hidden.dim() == 4 else 0
+        return qwen3_tts_layout(talker_layers, pred_layers, codebooks)
 
     @property
     def forced(self) -> bool:

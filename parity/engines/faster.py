@@ -28,13 +28,14 @@ import torch
 from parity.engines.base import Engine
 from parity.engines.reference import TORCH_DTYPES, default_speaker, import_qwen_tts, tf32_mode
 from parity.errors import BadInput
+from parity.layout import TraceLayout, qwen3_tts_layout
 from parity.prompts import Prompt
 from parity.recipe import Decoding, Side
 from parity.refclip import forced_item, has_clip, resolve as resolve_clip
 from parity.trace import FLOAT_FIELDS, Trace
 from parity.variants import apply_variants, engine_settings
 
-NUM_SUB_STEPS = 15
+NUM_SUB_STEPS = 15  # faster-qwen3-tts's predictor graph is built for 16-codebook models
 
 
 class ProbeCoverageError(RuntimeError):
@@ -181,6 +182,7 @@ class FasterEngine(Engine):
     """faster-qwen3-tts 0.5.4 with graph-safe taps and teacher forcing."""
 
     name = "faster"
+    variant_family = "faster"
 
     def __init__(self, side: Side, model_dir: Path | str, allow_cpu: bool = False, cuda_graphs: bool = True, record: bool = True):
         super().__init__(side, model_dir)
@@ -248,6 +250,10 @@ class FasterEngine(Engine):
         self.taps = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def layout(self) -> TraceLayout:
+        talker = self.tts.model.model.talker
+        return qwen3_tts_layout(len(talker.model.layers), len(talker.code_predictor.model.layers), NUM_SUB_STEPS + 1)
 
     def describe(self) -> dict:
         return {**super().describe(), "device": str(self.device), "cuda_graphs": self.cuda_graphs, "taps": self.with_taps}
@@ -367,6 +373,7 @@ class FasterEngine(Engine):
             "recorded": record, "prefill_len": int(tie.shape[1]), "eos_token_id": int(config.codec_eos_token_id),
             "max_frames": decoding.max_frames, "hit_max_frames": hit_max,
             "n_talker_layers": len(talker.model.layers), "n_predictor_layers": len(talker.code_predictor.model.layers),
+            "layout": self.layout().to_json(),
             "suppress_from": max(0, config.vocab_size - 1024), "timing": timing,
             "sampling": "seeded" if decoding.do_sample else "greedy",
         }

@@ -18,6 +18,7 @@ import torch
 
 from parity.engines.base import Engine
 from parity.errors import BadInput
+from parity.layout import TraceLayout, qwen3_tts_layout
 from parity.probes import Recorder
 from parity.prompts import Prompt
 from parity.recipe import Decoding, Side
@@ -27,7 +28,6 @@ from parity.trace import FLOAT_FIELDS, Trace
 from parity.variants import Applied, Target, apply_variants, set_attention
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-NUM_SUB_STEPS = 15
 
 
 class _Captured(Exception):
@@ -134,6 +134,7 @@ class ReferenceEngine(Engine):
     """qwen_tts with settable dtype, attention, cache (dynamic / static:N), TF32 and device."""
 
     name = "reference"
+    variant_family = "reference"
 
     def __init__(self, side: Side, model_dir: Path | str):
         super().__init__(side, model_dir)
@@ -152,7 +153,7 @@ class ReferenceEngine(Engine):
         self.wrapper.model.to(self.device).eval()
         self.wrapper.device = self.device
         self.recorder = Recorder(self.talker)
-        self.applied = apply_variants(self.talker, self.side.variants, self.name)
+        self.applied = apply_variants(self.talker, self.side.variants, self.variant_family)
 
     def close(self) -> None:
         if self.applied is not None:
@@ -175,9 +176,18 @@ class ReferenceEngine(Engine):
             if getattr(side, name) != getattr(self.side, name):
                 raise ValueError(f"reconfigure cannot change '{name}' ({getattr(self.side, name)} -> {getattr(side, name)}); load a new engine")
         self.applied.undo()
-        set_attention(Target(self.talker, self.name), side.attention)
+        set_attention(Target(self.talker, self.variant_family), side.attention)
         self.side = side
-        self.applied = apply_variants(self.talker, side.variants, self.name)
+        self.applied = apply_variants(self.talker, side.variants, self.variant_family)
+
+    def layout(self) -> TraceLayout:
+        return qwen3_tts_layout(len(self.talker.model.layers), len(self.talker.code_predictor.model.layers),
+                                int(self.talker.config.num_code_groups))
+
+    @property
+    def n_substeps(self) -> int:
+        """Code-predictor sub-steps per frame: one per residual codebook."""
+        return int(self.talker.config.num_code_groups) - 1
 
     @property
     def model(self):
@@ -316,6 +326,7 @@ class ReferenceEngine(Engine):
                 "hit_max_frames": bool(out.pop("hit_max")),
                 "n_talker_layers": len(self.talker.model.layers),
                 "n_predictor_layers": len(self.talker.code_predictor.model.layers),
+                "layout": self.layout().to_json(),
                 "suppress_from": min(inputs.suppress_tokens) if inputs.suppress_tokens else None,
             }
             if len(prompts) > 1:
@@ -338,6 +349,7 @@ class ReferenceEngine(Engine):
         dev = self.device
         null = contextlib.nullcontext()
         n_rows = inputs.inputs_embeds.shape[0]
+        n_sub = self.n_substeps
         params = SamplingParams(
             do_sample=decoding.do_sample, temperature=decoding.temperature, top_k=decoding.top_k,
             top_p=decoding.top_p, repetition_penalty=decoding.repetition_penalty,
@@ -393,7 +405,7 @@ class ReferenceEngine(Engine):
             # Talker step s+1 on frame s: the decode branch of talker.forward, with our predictor.
             code_t = torch.tensor(codes, device=dev)
             embeds = [talker.get_input_embeddings()(token_t)]
-            embeds += [predictor.get_input_embeddings()[i](code_t[:, i : i + 1]) for i in range(NUM_SUB_STEPS)]
+            embeds += [predictor.get_input_embeddings()[i](code_t[:, i : i + 1]) for i in range(n_sub)]
             step_embeds = torch.cat(embeds, dim=1).sum(1, keepdim=True)
             if s < inputs.trailing_text_hidden.shape[1]:
                 step_embeds = step_embeds + inputs.trailing_text_hidden[:, s].unsqueeze(1)
@@ -416,8 +428,8 @@ class ReferenceEngine(Engine):
             results.append({
                 "talker_tokens": torch.tensor(row["tokens"], dtype=torch.long),
                 "talker_choice": torch.tensor(row["choices"], dtype=torch.long),
-                "codes": torch.tensor(row["frames"], dtype=torch.long).view(n_frames, 16),
-                "pred_choice": torch.tensor(row["pred"], dtype=torch.long).view(n_frames, NUM_SUB_STEPS),
+                "codes": torch.tensor(row["frames"], dtype=torch.long).view(n_frames, self.n_substeps + 1),
+                "pred_choice": torch.tensor(row["pred"], dtype=torch.long).view(n_frames, self.n_substeps),
                 "hit_max": row["hit_max"],
             })
         return results
@@ -434,7 +446,7 @@ class ReferenceEngine(Engine):
         first = torch.cat((past_hidden, self.talker.get_input_embeddings()(token_t)), dim=1)
         codes: list[list[int]] = [[] for _ in range(n_rows)]
         own: list[list[int]] = [[] for _ in range(n_rows)]
-        for j in range(NUM_SUB_STEPS):
+        for j in range(self.n_substeps):
             n_past = 0 if j == 0 else j + 1
             length = first.shape[1] if j == 0 else 1
             cache_position = torch.arange(n_past, n_past + length, device=dev)

@@ -1,22 +1,29 @@
 """Audio sources for the report's A/B players: embedded as data URIs while a byte budget lasts,
 linked by relative path after that.
 
-A 500-frame prompt is 40 s of 24 kHz 16-bit audio, about 1.9 MB a side (2.6 MB as base64), so
-18 such prompts cannot be embedded in a 5 MB report (one prompt's pair alone takes 5 MB). Prompts
-are embedded in report order, both sides of a prompt or neither, each one that still fits the
-budget left by the rest of the report; the others are linked as
-``audio/<id>.<side>.wav`` relative to report.html, which plays when the report is opened inside
-its run directory (or an artifact that keeps ``audio/`` next to it). The report says which.
+Embedded clips are MP3 at a constant ~66 kbit/s (``MP3_LEVEL``), encoded in memory from the run's
+WAVs: 8 kB per second instead of 48 kB for 24 kHz 16-bit PCM, so all 18 prompts x 32 frames fit
+in a 2 MB report (as WAV they took 4.3 MB and still did not all fit). Every player also links the
+lossless WAV next to it (``audio/<id>.<side>.wav``); the scores and distances are computed on the
+WAVs, never on the MP3. A clip MP3 cannot carry (an unusual sample rate) is embedded as WAV.
+
+Prompts are embedded in report order, both sides of a prompt or neither, each one that still fits
+the budget left by the rest of the report; the others are only linked, relative to report.html,
+which plays when the report is opened inside its run directory (or an artifact that keeps
+``audio/`` next to it). The report says which.
 """
 
 from __future__ import annotations
 
 import base64
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 SIDES = ("reference", "candidate")
+MP3_LEVEL = 0.6  # libsndfile's MP3 compression level: constant ~66 kbit/s at 24 kHz mono
+MP3_BYTES_PER_S = 8400  # upper bound of that rate (measured 8016-8250 B/s), for planning without encoding
 
 
 @dataclass
@@ -28,6 +35,7 @@ class Clip:
     embedded: bool
     duration_s: float | None
     size: int  # bytes of the WAV file
+    wav: str | None = None  # relative URL of the lossless WAV, when the player holds an MP3 copy
 
 
 def _inside(run_dir: Path, rel: str) -> Path | None:
@@ -41,8 +49,30 @@ def _inside(run_dir: Path, rel: str) -> Path | None:
 
 
 def encoded_size(n_bytes: int) -> int:
-    """Characters a file of ``n_bytes`` takes as a base64 WAV data URI."""
-    return len("data:audio/wav;base64,") + 4 * ((n_bytes + 2) // 3)
+    """Characters a file of ``n_bytes`` takes as a base64 data URI."""
+    return len("data:audio/mpeg;base64,") + 4 * ((n_bytes + 2) // 3)
+
+
+def embedded_bytes(path: Path) -> int:
+    """Bytes a WAV takes once embedded (an upper bound of its MP3 size, or the WAV's own size)."""
+    from parity.report.rundata import audio_info
+
+    info = audio_info(path)
+    wav_size = path.stat().st_size
+    return wav_size if info is None else min(wav_size, int(info[0] * MP3_BYTES_PER_S) + 2048)
+
+
+def data_uri(path: Path) -> str:
+    """A WAV as an MP3 data URI (the WAV itself when MP3 cannot carry it)."""
+    import soundfile as sf
+
+    try:
+        wav, sr = sf.read(str(path), dtype="float32")
+        buf = io.BytesIO()
+        sf.write(buf, wav, sr, format="MP3", bitrate_mode="CONSTANT", compression_level=MP3_LEVEL)
+        return "data:audio/mpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    except (RuntimeError, ValueError, TypeError, OSError):  # libsndfile refuses the rate or channels
+        return "data:audio/wav;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def clips(run_dir: Path, prompt: dict, embed: bool) -> list[Clip]:
@@ -58,11 +88,9 @@ def clips(run_dir: Path, prompt: dict, embed: bool) -> list[Clip]:
             out.append(Clip(side, None, False, None, 0))
             continue
         duration, size = info
-        if embed:
-            src = "data:audio/wav;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-        else:
-            src = quote(path.relative_to(Path(run_dir).resolve()).as_posix())
-        out.append(Clip(side, src, embed, duration, size))
+        link = quote(path.relative_to(Path(run_dir).resolve()).as_posix())
+        src = data_uri(path) if embed else link
+        out.append(Clip(side, src, embed, duration, size, link if embed and src.startswith("data:audio/mpeg") else None))
     return out
 
 
@@ -76,7 +104,7 @@ def plan(run_dir: Path, prompts: list[dict], budget: int) -> dict[str, bool]:
         for side in SIDES:
             rel = (p.get("audio") or {}).get(side)
             path = _inside(Path(run_dir), rel) if isinstance(rel, str) else None
-            sizes.append(path.stat().st_size if path else 0)
+            sizes.append(embedded_bytes(path) if path else 0)
         cost = sum(encoded_size(s) for s in sizes if s)
         fits = cost > 0 and used + cost <= budget
         used += cost if fits else 0

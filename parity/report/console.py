@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from parity.gates import where
+from parity.results import Summary
 
 
 def _fmt(v, spec=".3g") -> str:
@@ -16,43 +16,43 @@ def _fmt(v, spec=".3g") -> str:
     return format(v, spec)
 
 
-def print_summary(summary: dict, console: Console) -> None:
+def print_summary(summary: Summary, console: Console) -> None:
     """Per prompt: where the candidate first diverges, the first flip, agreement, verdict."""
-    sides = summary.get("sides", {})
-    title = " vs ".join(f"{role}: {s.get('engine')} {s.get('dtype')}/{s.get('attention')}/{s.get('cache')}" for role, s in sides.items())
+    title = " vs ".join(f"{role}: {s.get('engine')} {s.get('dtype')}/{s.get('attention')}/{s.get('cache')}"
+                        for role, s in summary.sides.items())
     table = Table(
         title=f"parity: {title}",
-        caption=f"tolerance rel L2 {summary['tolerance']:g}; first flip: teacher-forced step[.sub-step], "
+        caption=f"tolerance rel L2 {summary.tolerance:g}; first flip: teacher-forced step[.sub-step], "
         "logit margin Δ, 'tie' = the reference's own margin is within 3x the logit noise",
     )
     for col in ("prompt", "first divergence", "rel L2", "first flip", "agree", "frames", "verdict"):
         table.add_column(col, overflow="fold")
-    for p in summary["prompts"]:
-        if p["status"] != "ok":
-            table.add_row(p["id"], p["status"], "", "", "", "", "[yellow]not run[/]")
+    for p in summary.prompts:
+        if not p.ran or p.comparison is None:
+            table.add_row(p.id, p.status, "", "", "", "", "[yellow]not run[/]")
             continue
-        c = p["comparison"]
-        first = c["first_divergence"]
-        flip = c["first_flip"]
+        c = p.comparison
+        first, flip = c.first_divergence, c.first_flip
         flip_text = "-" if flip is None else (
-            f"{flip['component']} {flip['step']}" + (f".{flip['substep']}" if flip["substep"] >= 0 else "")
-            + f" Δ{flip['cand_margin']:.2g}" + (" tie" if flip["near_tie"] else "")
+            f"{flip.component} {flip.step}" + (f".{flip.substep}" if flip.substep >= 0 else "")
+            + f" Δ{_fmt(flip.cand_margin, '.2g')}" + (" tie" if flip.near_tie else "")
         )
-        free = c.get("free_run", {})
-        verdict = "[green]pass[/]" if p["passed"] else "[red]FAIL[/] " + ", ".join(g["name"] for g in p["gates"] if not g["passed"])
+        rel = ("inf" if first.nonfinite else first.rel_l2) if first else c.max_rel_l2
+        verdict = "[green]pass[/]" if p.passed else "[red]FAIL[/] " + ", ".join(g.name for g in p.failed_gates())
         table.add_row(
-            p["id"], "-" if first is None else where(first), _fmt(first["rel_l2"] if first else c["max_rel_l2"]),
-            flip_text, _fmt(free.get("agreement"), ".1%"),
-            f"{c['ref_frames']}/{c['ref_frames'] + c.get('length_diff', 0)}", verdict,
+            p.id, "-" if first is None else first.where(), _fmt(rel), flip_text,
+            _fmt(c.free_run.agreement if c.free_run else None, ".1%"),
+            f"{c.ref_frames}/{c.ref_frames + (c.length_diff or 0)}", verdict,
         )
     console.print(table)
     print_modes(summary, console)
 
 
-def print_modes(summary: dict, console: Console) -> None:
+def print_modes(summary, console: Console) -> None:
     """Voice cloning: how each side encoded the reference clip; batching: the per-row answer."""
+    summary = summary.to_json() if hasattr(summary, "to_json") else summary
     for p in summary.get("prompts", []):
-        clip = (p.get("comparison") or {}).get("reference_clip")
+        clip = p.get("reference_clip") or (p.get("comparison") or {}).get("reference_clip")
         if not clip:
             continue
         text = f"{p['id']}: reference clip ({clip['mode']})"

@@ -19,9 +19,10 @@ from jinja2 import Environment, PackageLoader
 from parity.audio_align import CODEC_FRAME_RATE
 from parity.gates import where
 from parity.report import audio, plots, rundata
+from parity.results import Summary
 from parity.report.step_summary import gate_table, write_step_summary
 
-SIZE_LIMIT = 5_000_000  # bytes of report.html (issue: <= 5 MB for 18 prompts x 500 frames)
+SIZE_LIMIT = 2_000_000  # bytes of report.html (<= 2 MB at 18 prompts x 32 frames with all audio; 18 x 500 stays within it too)
 _MARGIN = 64_000  # slack for the markup around embedded audio
 
 
@@ -163,7 +164,7 @@ def _prompt_view(p: dict, index: int, run_dir: Path) -> dict:
         view["notes"].append("traces are missing: no token timeline")
     else:
         charts["tokens"] = plots.token_timeline(tokens.ref_cb0, tokens.cand_cb0, tokens.forced_cb0_flip,
-                                                tokens.forced_pred_flips, c.get("first_flip"))
+                                                tokens.forced_pred_flips, c.get("first_flip"), tokens.pred_substeps)
     markers = []
     if first:
         markers.append(("first divergence", _seconds(first["step"]), plots.COLORS["marker"]))
@@ -237,8 +238,10 @@ def render(summary: dict, run_dir: Path, size_limit: int = SIZE_LIMIT) -> str:
     return _render(summary, run_dir, views, embed, scale, max_cols)
 
 
-def write(summary: dict, run_dir: Path, path: Path) -> None:
+def write(summary: Summary | dict, run_dir: Path, path: Path) -> None:
     """Write report.html atomically; also append the GitHub job summary when running there."""
+    if isinstance(summary, Summary):
+        summary = summary.to_json()  # the template reads the records' JSON form (same names)
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
     tmp.write_text(render(summary, Path(run_dir)), encoding="utf-8")
     os.replace(tmp, path)

@@ -53,6 +53,7 @@ class Tokens:
     cand_cb0: np.ndarray | None  # [F_cand] free-running candidate codebook 0
     forced_cb0_flip: np.ndarray | None  # [F] bool: teacher-forced candidate would pick another codebook-0 token
     forced_pred_flips: np.ndarray | None  # [F] int: teacher-forced predictor flips (codebooks 1-15) per frame
+    pred_substeps: int = 15  # predictor sub-steps per frame (codebooks - 1), read from the trace
 
 
 def load_tokens(run_dir: Path, prompt_id: str) -> Tokens | None:
@@ -76,7 +77,7 @@ def load_tokens(run_dir: Path, prompt_id: str) -> Tokens | None:
         m = min(n, len(forced["pred_choice"]))
         pred_flips = np.zeros(n, dtype=int)
         pred_flips[:m] = (forced["pred_choice"][:m] != ref_codes[:m, 1:1 + forced["pred_choice"].shape[1]]).sum(axis=1)
-    return Tokens(ref_codes[:, 0], cand_cb0, cb0_flip, pred_flips)
+    return Tokens(ref_codes[:, 0], cand_cb0, cb0_flip, pred_flips, max(1, ref_codes.shape[1] - 1))
 
 
 def audio_info(path: Path) -> tuple[float, int] | None:
