@@ -350,6 +350,7 @@ def test_summary_of_identical_sides():
     assert s["max_rel_l2"] == 0.0
     assert s["ref_frames"] == 2
     assert "free_run" not in s and "length_diff" not in s
+    assert s["hints"] == []  # the shared key the report prints; nothing to explain here
 
 
 def test_summary_first_divergence_is_first_over_in_execution_order():
@@ -532,6 +533,10 @@ def test_truth_first_worse_in_execution_order():
     r = compare.compare_truth(cand, ref, truth, TOL, 2.0)
     assert (r["first_worse"]["component"], r["first_worse"]["substep"]) == ("predictor", 9)
     assert r["worse_points"] == 2
+    # A talker point that executes first wins, though "predictor" sorts before "talker".
+    plant(cand, "talker", 0, 2, 1.0 + 4 * E)
+    r = compare.compare_truth(cand, ref, truth, TOL, 2.0)
+    assert (r["first_worse"]["component"], r["first_worse"]["step"], r["first_worse"]["layer"]) == ("talker", 0, 1)
 
 
 def test_truth_same_distance_and_different_not_worse():
