@@ -95,6 +95,66 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "parity.compare.x_summarize__mutmut_87": (
         "\"max_rel_l2\": _py(points[\"rel_l2\"].replace([np.inf], None).max()) if len(points) else None,",
         "pandas stores None as NaN in a float column, so replacing inf by None or by NaN gives the same maximum"),
+    "parity.compare.x__rows__mutmut_101": (
+        "df = pd.concat(frames, ignore_index=True).sort_values([\"step\", \"substep\", \"layer\"], kind=\"XXstableXX\")",
+        "sort keys here are unique per row (step, sub-step, layer), so a stable sort and any other give the same order, and pandas ignores `kind` for a sort on several columns anyway"),
+    "parity.compare.x__rows__mutmut_102": (
+        "df = pd.concat(frames, ignore_index=True).sort_values([\"step\", \"substep\", \"layer\"], kind=\"STABLE\")",
+        "sort keys here are unique per row (step, sub-step, layer), so a stable sort and any other give the same order, and pandas ignores `kind` for a sort on several columns anyway"),
+    "parity.compare.x__rows__mutmut_48": (
+        "sub = idx[1] if len(lead) == 2 else np.full_like(None, -1)",
+        "np.full_like(None, -1) is a 0-d array that broadcasts to the same column of -1"),
+    "parity.compare.x__rows__mutmut_87": (
+        "df = pd.concat(frames, ignore_index=True).sort_values([\"step\", \"substep\", \"layer\"], kind=None)",
+        "sort keys here are unique per row (step, sub-step, layer), so a stable sort and any other give the same order, and pandas ignores `kind` for a sort on several columns anyway"),
+    "parity.compare.x__rows__mutmut_89": (
+        "df = pd.concat(frames, ignore_index=True).sort_values([\"step\", \"substep\", \"layer\"], )",
+        "sort keys here are unique per row (step, sub-step, layer), so a stable sort and any other give the same order, and pandas ignores `kind` for a sort on several columns anyway"),
+    "parity.compare.x__rows__mutmut_91": (
+        "df = pd.concat(frames, ignore_index=None).sort_values([\"step\", \"substep\", \"layer\"], kind=\"stable\")",
+        "the index is rebuilt afterwards (reset_index / a new concat), and the arithmetic on it pairs rows of the same frame, so keeping the original index labels changes nothing visible"),
+    "parity.compare.x__rows__mutmut_93": (
+        "df = pd.concat(frames, ).sort_values([\"step\", \"substep\", \"layer\"], kind=\"stable\")",
+        "the index is rebuilt afterwards (reset_index / a new concat), and the arithmetic on it pairs rows of the same frame, so keeping the original index labels changes nothing visible"),
+    "parity.compare.x__rows__mutmut_94": (
+        "df = pd.concat(frames, ignore_index=False).sort_values([\"step\", \"substep\", \"layer\"], kind=\"stable\")",
+        "the index is rebuilt afterwards (reset_index / a new concat), and the arithmetic on it pairs rows of the same frame, so keeping the original index labels changes nothing visible"),
+    "parity.compare.x_point_frame__mutmut_43": (
+        "df = pd.concat([part for part in (talker, pred) if len(part)] or [talker], ignore_index=None)",
+        "the index is rebuilt afterwards (reset_index / a new concat), and the arithmetic on it pairs rows of the same frame, so keeping the original index labels changes nothing visible"),
+    "parity.compare.x_point_frame__mutmut_45": (
+        "df = pd.concat([part for part in (talker, pred) if len(part)] or [talker], )",
+        "the index is rebuilt afterwards (reset_index / a new concat), and the arithmetic on it pairs rows of the same frame, so keeping the original index labels changes nothing visible"),
+    "parity.compare.x_point_frame__mutmut_47": (
+        "df = pd.concat([part for part in (talker, pred) if len(part)] or [talker], ignore_index=False)",
+        "the index is rebuilt afterwards (reset_index / a new concat), and the arithmetic on it pairs rows of the same frame, so keeping the original index labels changes nothing visible"),
+    "parity.compare.x_point_frame__mutmut_48": (
+        "df[\"order\"] = None",
+        "the talker's sub-step is -1 and the predictor's are 0..14, so sorting on sub-step already puts a talker step before its frame's predictor points: the order column only restates that, whatever values or NaN it holds"),
+    "parity.compare.x_point_frame__mutmut_56": (
+        "df[\"order\"] = df[\"component\"].map({\"talker\": 1, \"predictor\": 1})",
+        "the talker's sub-step is -1 and the predictor's are 0..14, so sorting on sub-step already puts a talker step before its frame's predictor points: the order column only restates that, whatever values or NaN it holds"),
+    "parity.compare.x_point_frame__mutmut_57": (
+        "df[\"order\"] = df[\"component\"].map({\"talker\": 0, \"XXpredictorXX\": 1})",
+        "the talker's sub-step is -1 and the predictor's are 0..14, so sorting on sub-step already puts a talker step before its frame's predictor points: the order column only restates that, whatever values or NaN it holds"),
+    "parity.compare.x_point_frame__mutmut_58": (
+        "df[\"order\"] = df[\"component\"].map({\"talker\": 0, \"PREDICTOR\": 1})",
+        "the talker's sub-step is -1 and the predictor's are 0..14, so sorting on sub-step already puts a talker step before its frame's predictor points: the order column only restates that, whatever values or NaN it holds"),
+    "parity.compare.x_point_frame__mutmut_59": (
+        "df[\"order\"] = df[\"component\"].map({\"talker\": 0, \"predictor\": 2})",
+        "the talker's sub-step is -1 and the predictor's are 0..14, so sorting on sub-step already puts a talker step before its frame's predictor points: the order column only restates that, whatever values or NaN it holds"),
+    "parity.compare.x_point_frame__mutmut_63": (
+        "df = df.sort_values([\"step\", \"order\", \"substep\", \"layer\"], kind=None).reset_index(drop=True)",
+        "sort keys here are unique per row (step, sub-step, layer), so a stable sort and any other give the same order, and pandas ignores `kind` for a sort on several columns anyway"),
+    "parity.compare.x_point_frame__mutmut_65": (
+        "df = df.sort_values([\"step\", \"order\", \"substep\", \"layer\"], ).reset_index(drop=True)",
+        "sort keys here are unique per row (step, sub-step, layer), so a stable sort and any other give the same order, and pandas ignores `kind` for a sort on several columns anyway"),
+    "parity.compare.x_point_frame__mutmut_74": (
+        "df = df.sort_values([\"step\", \"order\", \"substep\", \"layer\"], kind=\"XXstableXX\").reset_index(drop=True)",
+        "sort keys here are unique per row (step, sub-step, layer), so a stable sort and any other give the same order, and pandas ignores `kind` for a sort on several columns anyway"),
+    "parity.compare.x_point_frame__mutmut_75": (
+        "df = df.sort_values([\"step\", \"order\", \"substep\", \"layer\"], kind=\"STABLE\").reset_index(drop=True)",
+        "sort keys here are unique per row (step, sub-step, layer), so a stable sort and any other give the same order, and pandas ignores `kind` for a sort on several columns anyway"),
     "parity.gates.x_evaluate__mutmut_101": (
         "worst_f = float(\"INF\") if worst in (\"inf\", None) and comparison.get(\"points_compared\") else float(worst or 0)",
         "float() parses 'INF' as infinity too"),
@@ -166,8 +226,12 @@ def main() -> int:
     ap.add_argument("--out", default="reports/mutation_score.json")
     ap.add_argument("--run", action="store_true", help="run mutmut first (fresh, in-scope functions only)")
     ap.add_argument("--max-children", type=int, default=2, help="mutmut workers (--run)")
+    ap.add_argument("--seconds", type=float, help="without --run: the wall time of the mutmut run found, to record")
     args = ap.parse_args()
-    seconds, command = run_mutmut(args.max_children) if args.run else (None, "mutmut run (as found in mutants/)")
+    if args.run:
+        seconds, command = run_mutmut(args.max_children)
+    else:
+        seconds, command = args.seconds, f"mutmut run --max-children {args.max_children} <in-scope functions>"
     root = Path(args.mutants)
     report: dict = {"tool": "mutmut 3.8.1", "command": command, "tests": "tests/unit (only)",
                     "seconds": None if seconds is None else round(seconds, 1), "patterns": in_scope_patterns(), "modules": {}, "equivalent": [], "stale_equivalents": [],
@@ -205,11 +269,16 @@ def main() -> int:
                 report["survivors"].append({"mutant": key, "status": status, "original": original, "mutated": changed})
         judged = counts["killed"] + counts["survived"]
         counts["score"] = round(counts["killed"] / judged, 4) if judged else None
+        # The same with every equivalent counted as a survivor: the score before any judgement.
+        everything = judged + counts["equivalent"]
+        counts["score_counting_equivalents_as_survivors"] = round(counts["killed"] / everything, 4) if everything else None
         report["modules"][module] = counts
         for k in totals:
             totals[k] += counts[k]
     judged = totals["killed"] + totals["survived"]
     totals["score"] = round(totals["killed"] / judged, 4) if judged else None
+    everything = judged + totals["equivalent"]
+    totals["score_counting_equivalents_as_survivors"] = round(totals["killed"] / everything, 4) if everything else None
     report["total"] = totals
     report["goal"] = ">= 0.85 of non-equivalent, in-scope mutants killed"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +286,8 @@ def main() -> int:
     for m, c in report["modules"].items():
         print(f"{m}: killed {c['killed']}, survived {c['survived']}, equivalent {c['equivalent']}, "
               f"out of scope {c['out_of_scope']}, score {c['score']}")
-    print(f"total: score {totals['score']} ({totals['killed']} of {judged}); written {args.out}")
+    print(f"total: score {totals['score']} ({totals['killed']} of {judged} non-equivalent; "
+          f"{totals['score_counting_equivalents_as_survivors']} counting the equivalents as survivors); written {args.out}")
     return 0
 
 
