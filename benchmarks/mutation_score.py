@@ -2,8 +2,8 @@
 "Development"): killed / survived / equivalent per module, written to reports/mutation_score.json.
 
 Run from the repository root after ``mutmut run``; it reads mutmut's own records under mutants/.
-Mutants of code another part of the project owns and tests (the signature hints and the tie/real
-flip label) are counted apart as ``out_of_scope``. Survivors judged equivalent are listed in
+Mutants of the signature hints and of the tie/real flip rule are counted apart as ``out_of_scope``:
+that code is being rewritten with tests of its own on planted divergences. Survivors judged equivalent are listed in
 EQUIVALENT with the reason; each entry names the mutant and the exact mutated line, and the entry
 is reported as stale (and not applied) when the line no longer matches.
 """
