@@ -367,8 +367,7 @@ def test_summary_first_divergence_is_first_over_in_execution_order():
     assert first["cosine"] == pytest.approx(1.0) and first["sqnr_db"] == pytest.approx(-20 * math.log10(2 * E))
     assert s["bit_identical"] is False
     assert s["max_rel_l2"] == 4 * E
-    # Over: predictor layer0 and its logits? No: logits equal, so only the planted points and the
-    # points after them in their own step (layer1/logits of talker step 1 are exact).
+    # Only the two planted points are over: each planted error is confined to its own point.
     assert s["points_over"] == 2
     assert s["first_nonfinite"] is None
 
