@@ -1,8 +1,8 @@
-"""parity.gates.evaluate on hand-built comparison summaries: each gate at, just above and just
+"""parity.gates.evaluate on hand-built ``Comparison`` records: each gate at, just above and just
 below its threshold, NaN/inf, missing evidence, and the MOS gate's plumbing. No model is loaded.
 
-The comparison summary is built in one place (``comparison``) in the shape ``compare.summarize``
-returns, so a change of that shape is a one-function change here."""
+The record is built in one place (``comparison``) with only the fields the gates read set, so a
+change of the record is a one-function change here."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from parity import gates
 from parity.recipe import Gates, Mos
+from parity.results import Agreement, Comparison, Divergence, Point
 
 OFF = Gates(hidden_within_tolerance=False, max_rel_l2=None, min_token_agreement=None, no_nonfinite=False)
 TALKER = {"component": "talker", "step": 3, "substep": -1, "layer": 1, "point": "layer1"}
@@ -19,13 +20,17 @@ PREDICTOR = {"component": "predictor", "step": 2, "substep": 4, "layer": -1, "po
 
 
 def comparison(first_divergence=None, first_nonfinite=None, max_rel_l2=0.0, points_compared=10, agreement=None,
-               free_run=True) -> dict:
-    """A per-prompt comparison summary with only the fields the gates read."""
-    c = {"first_divergence": first_divergence, "first_nonfinite": first_nonfinite, "max_rel_l2": max_rel_l2,
-         "points_compared": points_compared}
-    if free_run:
-        c["free_run"] = {"agreement": agreement, "first_diff_frame": None, "frames_compared": 4}
-    return c
+               free_run=True, nonfinite_points=0, first_nonfinite_reference=None, nonfinite_audio=None) -> Comparison:
+    """A per-prompt comparison record; points are given as their JSON (``TALKER`` / ``PREDICTOR``)."""
+    return Comparison(
+        first_divergence=Divergence(**first_divergence) if first_divergence else None,
+        first_nonfinite=Point(**first_nonfinite) if first_nonfinite else None,
+        max_rel_l2=max_rel_l2, nonfinite_points=nonfinite_points, points_compared=points_compared, points_over=0,
+        bit_identical=False, added_per_layer=[], first_flip=None, ref_frames=4, hints=[],
+        free_run=Agreement(agreement, agreement, None, 4) if free_run else None,
+        first_nonfinite_reference=Point(**first_nonfinite_reference) if first_nonfinite_reference else None,
+        nonfinite_audio=nonfinite_audio or {},
+    )
 
 
 def only(**kwargs) -> Gates:
@@ -61,6 +66,35 @@ def test_no_nonfinite_fails_and_says_where(where, text):
     assert not r.passed and r.detail == f"first NaN/inf at {text}"
 
 
+def test_no_nonfinite_fails_on_the_reference_side():
+    r = one(gates.evaluate(only(no_nonfinite=True), comparison(first_nonfinite_reference=PREDICTOR)), "no_nonfinite")
+    assert not r.passed and r.detail == "NaN/inf in reference predictor frame 2 sub-step 4 embed"
+
+
+@pytest.mark.parametrize("audio,text", [
+    ({"candidate": {"sample": 7, "seconds": 0.5, "count": 1}}, "candidate audio at 0.5 s"),
+    ({"reference": {"sample": 0, "seconds": 0.0, "count": 3}, "candidate": None}, "reference audio at 0.0 s"),
+])
+def test_no_nonfinite_fails_on_nonfinite_audio(audio, text):
+    r = one(gates.evaluate(only(no_nonfinite=True), comparison(nonfinite_audio=audio)), "no_nonfinite")
+    assert not r.passed and r.detail == f"NaN/inf in {text}"
+
+
+def test_no_nonfinite_passes_when_each_sides_audio_is_finite():
+    r = one(gates.evaluate(only(no_nonfinite=True), comparison(nonfinite_audio={"reference": None, "candidate": None})),
+            "no_nonfinite")
+    assert r.passed
+
+
+def test_no_nonfinite_lists_every_finding_in_order():
+    c = comparison(first_nonfinite=TALKER, first_nonfinite_reference=TALKER,
+                   nonfinite_audio={"reference": {"seconds": 1.0}, "candidate": {"seconds": 2.0}})
+    r = one(gates.evaluate(only(no_nonfinite=True), c), "no_nonfinite")
+    assert not r.passed
+    assert r.detail == ("first NaN/inf at talker step 3 layer1; NaN/inf in reference talker step 3 layer1, "
+                        "reference audio at 1.0 s, candidate audio at 2.0 s")
+
+
 # -- hidden_within_tolerance --------------------------------------------------------------------
 
 def test_within_tolerance_passes_without_a_divergence():
@@ -68,13 +102,17 @@ def test_within_tolerance_passes_without_a_divergence():
     assert r.passed and r.detail == "every point within tolerance"
 
 
-@pytest.mark.parametrize("rel_l2", [0.0125, "inf"])
-def test_within_tolerance_fails_on_the_first_divergence(rel_l2):
-    first = {**PREDICTOR, "rel_l2": rel_l2, "tolerance": 0.01}
+@pytest.mark.parametrize("first,shown", [
+    ({**PREDICTOR, "rel_l2": 0.0125, "tolerance": 0.01}, "0.0125"),
+    ({**PREDICTOR, "rel_l2": None, "tolerance": 0.01, "nonfinite": True}, "inf (NaN/inf)"),
+    # nonfinite wins over a (stale) finite number: the error there is unbounded
+    ({**PREDICTOR, "rel_l2": 0.5, "tolerance": 0.01, "nonfinite": True}, "inf (NaN/inf)"),
+])
+def test_within_tolerance_fails_on_the_first_divergence(first, shown):
     r = one(gates.evaluate(only(hidden_within_tolerance=True), comparison(first_divergence=first)),
             "hidden_within_tolerance")
     assert not r.passed
-    assert r.detail == f"first divergence at predictor frame 2 sub-step 4 embed: rel L2 {rel_l2} > 0.01"
+    assert r.detail == f"first divergence at predictor frame 2 sub-step 4 embed: rel L2 {shown} > 0.01"
 
 
 # -- max_rel_l2 ---------------------------------------------------------------------------------
@@ -87,7 +125,6 @@ LIMIT = 0.25
     (math.nextafter(LIMIT, 1.0), False),  # just above
     (math.nextafter(LIMIT, 0.0), True),  # just below
     (0.0, True),
-    ("inf", False),  # an infinite error somewhere (summarize writes "inf")
 ])
 def test_max_rel_l2_boundary(worst, passed):
     r = one(gates.evaluate(only(max_rel_l2=LIMIT), comparison(max_rel_l2=worst)), "max_rel_l2")
@@ -95,15 +132,33 @@ def test_max_rel_l2_boundary(worst, passed):
     assert r.detail == f"max rel L2 {worst} (limit {LIMIT})"
 
 
-def test_max_rel_l2_none_with_points_means_only_infinite_errors():
-    # summarize leaves infinite errors out of the maximum; all of them infinite gives None.
-    r = one(gates.evaluate(only(max_rel_l2=LIMIT), comparison(max_rel_l2=None, points_compared=4)), "max_rel_l2")
+@pytest.mark.parametrize("worst", [0.0, math.nextafter(LIMIT, 0.0), LIMIT, None])
+@pytest.mark.parametrize("bad", [1, 3])
+def test_max_rel_l2_fails_on_any_nonfinite_point_whatever_the_finite_maximum(worst, bad):
+    # max_rel_l2 is the largest *finite* error; a NaN/inf point is counted apart and unbounded.
+    r = one(gates.evaluate(only(max_rel_l2=LIMIT), comparison(max_rel_l2=worst, nonfinite_points=bad)), "max_rel_l2")
     assert not r.passed
+    assert r.detail == f"max rel L2 inf ({bad} point(s) with NaN/inf) (limit {LIMIT})"
+
+
+def test_max_rel_l2_nonfinite_fails_even_under_an_infinite_limit():
+    c = comparison(max_rel_l2=0.0, nonfinite_points=1)
+    assert not one(gates.evaluate(only(max_rel_l2=math.inf), c), "max_rel_l2").passed
 
 
 def test_max_rel_l2_with_nothing_compared_passes():
     r = one(gates.evaluate(only(max_rel_l2=LIMIT), comparison(max_rel_l2=None, points_compared=0)), "max_rel_l2")
-    assert r.passed
+    assert r.passed and r.detail == f"max rel L2 None (limit {LIMIT})"
+
+
+@pytest.mark.parametrize("old,passed,shown", [
+    ({"max_rel_l2": "inf", "points_compared": 4}, False, "inf (1 point(s) with NaN/inf)"),  # schema 1 sentinel
+    ({"max_rel_l2": 0.125, "points_compared": 4}, True, "0.125"),
+    ({"max_rel_l2": 0.125, "nonfinite_points": 2, "points_compared": 4}, False, "inf (2 point(s) with NaN/inf)"),
+])
+def test_max_rel_l2_on_a_comparison_read_from_json(old, passed, shown):
+    r = one(gates.evaluate(only(max_rel_l2=LIMIT), Comparison.from_json(old)), "max_rel_l2")
+    assert r.passed is passed and r.detail == f"max rel L2 {shown} (limit {LIMIT})"
 
 
 def test_max_rel_l2_zero_limit():
@@ -142,6 +197,12 @@ def test_min_token_agreement_without_a_free_run_fails():
 def test_min_token_agreement_nan_fails():
     r = one(gates.evaluate(only(min_token_agreement=0.0), comparison(agreement=math.nan)), "min_token_agreement")
     assert not r.passed
+
+
+def test_min_token_agreement_nan_read_from_json_fails():
+    c = Comparison.from_json({"free_run": {"agreement": math.nan, "frames_compared": 4}})
+    r = one(gates.evaluate(only(min_token_agreement=0.0), c), "min_token_agreement")
+    assert not r.passed and r.detail == "free-running code agreement None (minimum 0.0)"
 
 
 # -- MOS gate plumbing --------------------------------------------------------------------------
@@ -187,6 +248,8 @@ def test_mos_gate_without_scores_fails(result):
 
 # -- wording ------------------------------------------------------------------------------------
 
-def test_where():
-    assert gates.where(TALKER) == "talker step 3 layer1"
-    assert gates.where(PREDICTOR) == "predictor frame 2 sub-step 4 embed"
+@pytest.mark.parametrize("as_record", [False, True])
+def test_where(as_record):
+    wrap = Point.from_json if as_record else dict
+    assert gates.where(wrap(TALKER)) == "talker step 3 layer1"
+    assert gates.where(wrap(PREDICTOR)) == "predictor frame 2 sub-step 4 embed"
