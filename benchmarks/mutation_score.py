@@ -21,7 +21,15 @@ import sys
 import time
 from pathlib import Path
 
-MODULES = ("parity/compare.py", "parity/gates.py")
+MODULES = ("parity/compare.py", "parity/gates.py", "parity/analysis.py", "parity/results.py")
+# Modules of which only the pure analysis core is in scope (functions, or Class.method): the rest
+# reads and writes run directories or assembles whole-run summaries, tested end to end in tests/.
+IN_SCOPE_ONLY = {
+    "parity.analysis": {"first_nonfinite_point", "comparison", "compare_traces"},
+    "parity.results": {"finite_or_none", "_known", "_opt", "Point.where", "Point.to_json", "Point.from_json",
+                       "Divergence.to_json", "Divergence.from_json", "Agreement.to_json", "Agreement.from_json",
+                       "Comparison.to_json", "Comparison.from_json"},
+}
 # Tested elsewhere and being rewritten: the signature hints and the flip label (tie/real).
 OUT_OF_SCOPE_FUNCTIONS = {"parity.compare": {"signature_hints", "_hint", "_where"}}
 # A mutant whose original line matches is out of scope: the tie rule and the hints call.
@@ -193,21 +201,34 @@ def mutant_diffs(mutated: str, spans: dict[str, list[int]]) -> dict[str, tuple[l
 
 
 def function_of(key: str) -> str:
-    """'parity.compare.x__metrics__mutmut_3' -> '_metrics' (also 'xǁClassǁmethod' forms)."""
+    """'parity.compare.x__metrics__mutmut_3' -> '_metrics'; 'parity.results.xǁPointǁwhere__mutmut_1'
+    -> 'Point.where'."""
     short = key.rsplit(".", 1)[1]
     short = re.sub(r"__mutmut_\d+$", "", short)
+    if short.startswith("xǁ"):
+        return ".".join(short[2:].split("ǁ"))
     return short[2:] if short.startswith("x_") else short
 
 
+def in_scope(module: str, func: str) -> bool:
+    """Whether a function ('name' or 'Class.method') of ``module`` is counted."""
+    if module in IN_SCOPE_ONLY:
+        return func in IN_SCOPE_ONLY[module]
+    return func not in OUT_OF_SCOPE_FUNCTIONS.get(module, set())
+
+
 def in_scope_patterns() -> list[str]:
-    """mutmut name patterns for every top-level function of MODULES except the out-of-scope ones."""
+    """mutmut name patterns for every in-scope function and method of MODULES."""
     patterns = []
     for path in MODULES:
         module = path[:-3].replace("/", ".")
-        skip = OUT_OF_SCOPE_FUNCTIONS.get(module, set())
         for node in ast.parse(Path(path).read_text()).body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in skip:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and in_scope(module, node.name):
                 patterns.append(f"{module}.x_{node.name}__mutmut_*")
+            elif isinstance(node, ast.ClassDef):
+                for m in node.body:
+                    if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and in_scope(module, f"{node.name}.{m.name}"):
+                        patterns.append(f"{module}.xǁ{node.name}ǁ{m.name}__mutmut_*")
     return patterns
 
 
@@ -248,7 +269,7 @@ def main() -> int:
             short = key.rsplit(".", 1)[1]
             original, changed = diffs.get(short, ([], []))
             func = function_of(key)
-            if func in OUT_OF_SCOPE_FUNCTIONS.get(module, set()) or any(
+            if not in_scope(module, func) or any(
                     p.search(line) for p in OUT_OF_SCOPE_LINES.get(module, []) for line in original):
                 counts["out_of_scope"] += 1
                 continue
