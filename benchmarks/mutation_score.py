@@ -163,15 +163,6 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "parity.compare.x_point_frame__mutmut_75": (
         "df = df.sort_values([\"step\", \"order\", \"substep\", \"layer\"], kind=\"STABLE\").reset_index(drop=True)",
         "sort keys here are unique per row (step, sub-step, layer), so a stable sort and any other give the same order, and pandas ignores `kind` for a sort on several columns anyway"),
-    "parity.gates.x_evaluate__mutmut_101": (
-        "worst_f = float(\"INF\") if worst in (\"inf\", None) and comparison.get(\"points_compared\") else float(worst or 0)",
-        "float() parses 'INF' as infinity too"),
-    "parity.gates.x_evaluate__mutmut_104": (
-        "worst_f = float(\"inf\") if worst in (\"XXinfXX\", None) and comparison.get(\"points_compared\") else float(worst or 0)",
-        "the string 'inf' then falls through to float(worst), which is the same infinity"),
-    "parity.gates.x_evaluate__mutmut_105": (
-        "worst_f = float(\"inf\") if worst in (\"INF\", None) and comparison.get(\"points_compared\") else float(worst or 0)",
-        "the string 'inf' then falls through to float(worst), which is the same infinity"),
 }
 
 def status_of(code) -> str:

@@ -13,9 +13,12 @@ import math
 import numpy as np
 import pytest
 
-from _synthetic import PRED_POINTS, TALKER_POINTS, copy_trace, make_trace, truncate
+import torch
+
+from _synthetic import PRED_POINTS, TALKER_POINTS, V, VP, copy_trace, make_trace, truncate
 from parity import analysis
-from parity.results import Agreement, Comparison, Divergence, LayerError, Point, finite_or_none
+from parity.trace import Trace
+from parity.results import Agreement, Comparison, Divergence, Flip, LayerError, Point, finite_or_none
 
 BAD = [math.nan, math.inf, -math.inf]
 
@@ -62,6 +65,21 @@ def test_predictor_point(index, layer, name):
     else:
         t.pred_hidden[1, 4, index, 3] = math.nan
     assert analysis.first_nonfinite_point(t) == {"component": "predictor", "step": 1, "substep": 4, "layer": layer, "point": name}
+
+
+def test_one_element_tensors_are_still_searched():
+    # the smallest shapes a layout allows: one talker point of width 1, one predictor sub-step
+    t = Trace(talker_hidden=torch.ones(1, 1, 1), talker_logits=torch.zeros(1, V), talker_tokens=torch.zeros(1, dtype=torch.long),
+              talker_choice=torch.zeros(1, dtype=torch.long), codes=torch.zeros(0, 2, dtype=torch.long),
+              pred_hidden=torch.ones(0, 1, 1, 1), pred_logits=torch.zeros(0, 1, VP), pred_choice=torch.zeros(0, 1, dtype=torch.long))
+    assert analysis.first_nonfinite_point(t) is None
+    t.talker_hidden[0, 0, 0] = math.nan
+    assert analysis.first_nonfinite_point(t) == {"component": "talker", "step": 0, "substep": -1, "layer": -1, "point": "embed"}
+    t = Trace(talker_hidden=torch.ones(2, 1, 1), talker_logits=torch.zeros(2, V), talker_tokens=torch.zeros(2, dtype=torch.long),
+              talker_choice=torch.zeros(2, dtype=torch.long), codes=torch.zeros(1, 2, dtype=torch.long),
+              pred_hidden=torch.full((1, 1, 1, 1), math.inf), pred_logits=torch.zeros(1, 1, VP),
+              pred_choice=torch.zeros(1, 1, dtype=torch.long))
+    assert analysis.first_nonfinite_point(t) == {"component": "predictor", "step": 0, "substep": 0, "layer": -1, "point": "embed"}
 
 
 def test_execution_order_talker_step_then_its_frame_then_the_next_step():
@@ -125,10 +143,19 @@ def test_comparison_with_a_truth_side():
     cand, truth = copy_trace(ref), copy_trace(ref)
     cand.talker_hidden[1, 1] = 1.5
     points, c = analysis.comparison(analysis.PromptTraces(ref, cand, None, truth), 0.01)
+    assert c.first_divergence == Divergence("talker", 1, -1, 0, "layer0", 0.5, 0.5, 1.0, c.first_divergence.sqnr_db, 0.01)
+    assert c.points_over == 1 and c.max_rel_l2 == 0.5
     assert c.truth["verdict"] == "worse" and c.truth["worse_points"] == 1
     assert c.truth["first_worse"]["point"] == "layer0" and c.truth["points"] == len(points) == c.points_compared
     _, without = analysis.comparison(analysis.PromptTraces(ref, cand, None), 0.01)
     assert without.truth is None
+
+
+@pytest.mark.parametrize("steps", [0, 1])
+def test_compare_traces_of_short_traces(steps):
+    ref = truncate(make_trace(3), steps)
+    c = analysis.compare_traces(copy_trace(ref), ref, 0.01)
+    assert c.nonfinite_points == 0 and c.points_compared == steps * TALKER_POINTS + steps  # hidden points + logits
 
 
 def test_comparison_with_a_free_run():
@@ -187,7 +214,8 @@ def full_comparison() -> Comparison:
         first_nonfinite=Point("talker", 2, -1, 1, "layer1"), max_rel_l2=0.5, nonfinite_points=3,
         points_compared=20, points_over=4, bit_identical=False,
         added_per_layer=[LayerError.from_json({"component": "talker", "layer": 0, "mean_added_rel_l2": 0.25})],
-        first_flip=None, ref_frames=5, hints=[{"text": "a hint", "signature": "s"}],
+        first_flip=Flip("predictor", 1, 3, 2, 5, 1, 0.5, 2.0, 0.75, 0.25, False), ref_frames=5,
+        hints=[{"text": "a hint", "signature": "s"}],
         free_run=Agreement(0.75, 1.0, 3, 4), length_diff=1, length_diff_is_bookkeeping=True,
         truth={"worse": False}, first_nonfinite_reference=Point("predictor", 0, 2, -1, "embed"),
         nonfinite_audio={"candidate": {"sample": 3, "seconds": 0.25, "count": 1}, "reference": None},
@@ -199,7 +227,12 @@ def test_comparison_round_trip_keeps_unknown_keys():
     c = full_comparison()
     j = c.to_json()
     assert j["newer_key"] == [1, 2] and j["nonfinite_points"] == 3 and j["free_run"]["agreement"] == 0.75
+    assert j["first_flip"]["cand_token"] == 5
     assert Comparison.from_json(j) == c
+
+
+def test_a_key_named_extra_is_kept_like_any_unknown_key():
+    assert Comparison.from_json({"extra": {"x": 1}}).to_json()["extra"] == {"x": 1}
 
 
 def test_comparison_json_without_optional_parts():
@@ -215,3 +248,9 @@ def test_comparison_nonfinite_points_from_schema_1(max_rel, given, count):
     d = {"max_rel_l2": max_rel} if given is None else {"max_rel_l2": max_rel, "nonfinite_points": given}
     c = Comparison.from_json(d)
     assert c.nonfinite_points == count and c.max_rel_l2 == (max_rel if isinstance(max_rel, float) else None)
+
+
+def test_agreement_json_defaults():
+    assert Agreement.from_json({}) == Agreement(None, None, None, 0)
+    assert Agreement.from_json({"agreement": math.nan, "codebook0_agreement": 0.5, "first_diff_frame": 2,
+                                "frames_compared": 6}) == Agreement(None, 0.5, 2, 6)
