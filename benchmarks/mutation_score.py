@@ -3,7 +3,9 @@
 
 Run from the repository root after ``mutmut run``; it reads mutmut's own records under mutants/.
 Mutants of the signature hints and of the tie/real flip rule are counted apart as ``out_of_scope``:
-that code is being rewritten with tests of its own on planted divergences. Survivors judged equivalent are listed in
+that code is being rewritten with tests of its own on planted divergences. Of parity/analysis.py and
+parity/results.py only the pure core is in scope (``IN_SCOPE_ONLY``): the first NaN/inf point, the
+comparison record of two traces, and the JSON reading/writing of the records the gates read. Survivors judged equivalent are listed in
 EQUIVALENT with the reason; each entry names the mutant and the exact mutated line, and the entry
 is reported as stale (and not applied) when the line no longer matches.
 """
@@ -121,9 +123,6 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "parity.compare.x__rows__mutmut_91": (
         "df = pd.concat(frames, ignore_index=None).sort_values([\"step\", \"substep\", \"layer\"], kind=\"stable\")",
         "the index is rebuilt afterwards (reset_index / a new concat), and the arithmetic on it pairs rows of the same frame, so keeping the original index labels changes nothing visible"),
-    "parity.compare.x__rows__mutmut_93": (
-        "df = pd.concat(frames, ).sort_values([\"step\", \"substep\", \"layer\"], kind=\"stable\")",
-        "the index is rebuilt afterwards (reset_index / a new concat), and the arithmetic on it pairs rows of the same frame, so keeping the original index labels changes nothing visible"),
     "parity.compare.x__rows__mutmut_94": (
         "df = pd.concat(frames, ignore_index=False).sort_values([\"step\", \"substep\", \"layer\"], kind=\"stable\")",
         "the index is rebuilt afterwards (reset_index / a new concat), and the arithmetic on it pairs rows of the same frame, so keeping the original index labels changes nothing visible"),
@@ -163,6 +162,57 @@ EQUIVALENT: dict[str, tuple[str, str]] = {
     "parity.compare.x_point_frame__mutmut_75": (
         "df = df.sort_values([\"step\", \"order\", \"substep\", \"layer\"], kind=\"STABLE\").reset_index(drop=True)",
         "sort keys here are unique per row (step, sub-step, layer), so a stable sort and any other give the same order, and pandas ignores `kind` for a sort on several columns anyway"),
+    "parity.compare.x__rows__mutmut_111": (
+        "df = pd.concat(frames, ignore_index=True).sort_values([\"step\", \"substep\", \"layer\"], kind=None)",
+        "sort on several columns: the keys (step, sub-step, layer) are unique per row, so every sort kind gives the same order (and pandas ignores `kind` for a sort on several columns)"),
+    "parity.compare.x__rows__mutmut_113": (
+        "df = pd.concat(frames, ignore_index=True).sort_values([\"step\", \"substep\", \"layer\"], )",
+        "sort on several columns: the keys (step, sub-step, layer) are unique per row, so every sort kind gives the same order (and pandas ignores `kind` for a sort on several columns)"),
+    "parity.compare.x__rows__mutmut_125": (
+        "df = pd.concat(frames, ignore_index=True).sort_values([\"step\", \"substep\", \"layer\"], kind=\"XXstableXX\")",
+        "sort on several columns: the keys (step, sub-step, layer) are unique per row, so every sort kind gives the same order (and pandas ignores `kind` for a sort on several columns)"),
+    "parity.compare.x__rows__mutmut_126": (
+        "df = pd.concat(frames, ignore_index=True).sort_values([\"step\", \"substep\", \"layer\"], kind=\"STABLE\")",
+        "sort on several columns: the keys (step, sub-step, layer) are unique per row, so every sort kind gives the same order (and pandas ignores `kind` for a sort on several columns)"),
+    "parity.compare.x__rows__mutmut_115": (
+        "df = pd.concat(frames, ignore_index=None).sort_values([\"step\", \"substep\", \"layer\"], kind=\"stable\")",
+        "the index is dropped later (point_frame concatenates with ignore_index and resets it); inside _rows the shifted column keeps the same index in the same order, so the subtraction pairs the same rows"),
+    "parity.compare.x__rows__mutmut_117": (
+        "df = pd.concat(frames, ).sort_values([\"step\", \"substep\", \"layer\"], kind=\"stable\")",
+        "the index is dropped later (point_frame concatenates with ignore_index and resets it); inside _rows the shifted column keeps the same index in the same order, so the subtraction pairs the same rows"),
+    "parity.compare.x__rows__mutmut_118": (
+        "df = pd.concat(frames, ignore_index=False).sort_values([\"step\", \"substep\", \"layer\"], kind=\"stable\")",
+        "the index is dropped later (point_frame concatenates with ignore_index and resets it); inside _rows the shifted column keeps the same index in the same order, so the subtraction pairs the same rows"),
+    "parity.compare.x__rows__mutmut_59": (
+        "idx = np.indices(tuple(lead)).reshape(len(lead), -2)",
+        "numpy's reshape takes any negative size as 'infer this dimension', so -2 is -1"),
+    "parity.compare.x__rows__mutmut_68": (
+        "sub = idx[1] if len(lead) == 2 else np.full_like(None, -1)",
+        "np.full_like(None, -1) is the scalar -1, which the DataFrame broadcasts to the same column of -1"),
+    "parity.compare.x__rows__mutmut_3": (
+        "if logits_c.numel() == 1 or logits_r.numel() == 0:",
+        "a logits tensor ends in the vocabulary (more than 2 tokens), so it never has exactly one element"),
+    "parity.compare.x__rows__mutmut_5": (
+        "if logits_c.numel() == 0 or logits_r.numel() == 1:",
+        "a logits tensor ends in the vocabulary (more than 2 tokens), so it never has exactly one element"),
+    "parity.compare.x__rows__mutmut_17": (
+        "with_hidden = hidden_c.numel() > 1 and hidden_r.numel() > 0 and hidden_c.shape[-2] == hidden_r.shape[-2]",
+        "recorded hidden states have at least two points (embed + a layer), so never exactly one element"),
+    "parity.compare.x__rows__mutmut_19": (
+        "with_hidden = hidden_c.numel() > 0 and hidden_r.numel() > 1 and hidden_c.shape[-2] == hidden_r.shape[-2]",
+        "recorded hidden states have at least two points (embed + a layer), so never exactly one element"),
+    "parity.analysis.x_first_nonfinite_point__mutmut_13": (
+        "tl_bad = ~torch.isfinite(trace.talker_logits).all(+1)  # [S]",
+        "talker logits are 2-D [steps, vocabulary], so axis +1 is axis -1"),
+    "parity.analysis.x_first_nonfinite_point__mutmut_16": (
+        "has_pred = trace.pred_hidden.numel() >= 0",
+        "with no predictor frames the loop's own guard (s < frames = 0) already skips the predictor, so has_pred only saves work"),
+    "parity.analysis.x_first_nonfinite_point__mutmut_20": (
+        "p_bad = ~torch.isfinite(trace.pred_hidden).all(-1) if (has_pred) or True else None  # [F, 15, P+1]",
+        "the mask of an empty predictor is empty and is only read under `has_pred and ...`; computing it anyway changes nothing"),
+    "parity.analysis.x_first_nonfinite_point__mutmut_28": (
+        "pl_bad = ~torch.isfinite(trace.pred_logits).all(-1) if (has_pred) or True else None  # [F, 15]",
+        "the mask of an empty predictor is empty and is only read under `has_pred and ...`; computing it anyway changes nothing"),
 }
 
 def status_of(code) -> str:

@@ -579,3 +579,36 @@ def test_py_converts_numpy_and_nonfinite():
     assert compare._py(np.int64(3)) == 3 and type(compare._py(np.int64(3))) is int
     assert compare._py(np.bool_(True)) is True
     assert compare._py("talker") == "talker" and compare._py(None) is None
+
+
+# -- logits only: a side without hidden states -------------------------------------------------
+
+def _without_hidden(t):
+    t.talker_hidden = torch.zeros(0)
+    t.pred_hidden = torch.zeros(0)
+    return t
+
+
+@pytest.mark.parametrize("side", ["candidate", "reference", "both", "mismatched"])
+def test_logits_alone_are_compared_when_hidden_states_are_missing_or_differ(side):
+    ref = make_trace(3)
+    cand = copy_trace(ref)
+    cand.talker_logits[1, 0] = 4.0  # a finite logits error at talker step 1
+    if side in ("candidate", "both"):
+        _without_hidden(cand)
+    if side in ("reference", "both"):
+        _without_hidden(ref)
+    if side == "mismatched":  # a different number of recorded points: not comparable point by point
+        cand.talker_hidden = cand.talker_hidden[:, :2]
+        cand.pred_hidden = cand.pred_hidden[:, :, :1]
+    p = compare.point_frame(cand, ref, 0.01)
+    assert (p["point"] == "logits").all() and (p["layer"] == 0).all()
+    assert len(p) == 3 + 2 * 15
+    assert list(p[p["component"] == "talker"]["step"]) == [0, 1, 2]
+    assert list(p[p["over"]]["step"]) == [1] and (p["added"] == p["rel_l2"]).all()
+
+
+def test_rows_without_logits_on_one_side_are_empty():
+    ref = make_trace(3)
+    assert compare._rows("talker", ref.talker_hidden, ref.talker_hidden, torch.zeros(0), ref.talker_logits, 0.01).empty
+    assert compare._rows("talker", ref.talker_hidden, ref.talker_hidden, ref.talker_logits, torch.zeros(0), 0.01).empty
