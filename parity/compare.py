@@ -75,7 +75,8 @@ def point_frame(cand: Trace, ref: Trace, tol: float) -> pd.DataFrame:
     f = min(cand.n_frames, ref.n_frames)
     talker = _rows("talker", cand.talker_hidden[:s], ref.talker_hidden[:s], cand.talker_logits[:s], ref.talker_logits[:s], tol)
     pred = _rows("predictor", cand.pred_hidden[:f], ref.pred_hidden[:f], cand.pred_logits[:f], ref.pred_logits[:f], tol)
-    df = pd.concat([talker, pred], ignore_index=True)
+    # An empty part (a trace with no frames) would turn every column to object dtype in concat.
+    df = pd.concat([part for part in (talker, pred) if len(part)] or [talker], ignore_index=True)
     df["order"] = df["component"].map({"talker": 0, "predictor": 1})
     df = df.sort_values(["step", "order", "substep", "layer"], kind="stable").reset_index(drop=True)
     return df.drop(columns=["order"])
