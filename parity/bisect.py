@@ -212,15 +212,17 @@ class Runner:
             cand = engine.run(p, self.decoding, force=ref)
             points = compare.point_frame(cand, ref, self.tol)
             summary = compare.summarize(points, cand, ref, None, self.tol)
-            m = summary["max_rel_l2"]  # a float, "inf" or None (nothing compared)
-            if m is not None:
+            m = summary["max_rel_l2"]  # a float, "inf", "nan" (NaN/inf on the candidate) or None (nothing compared)
+            if m == "nan" or (isinstance(worst, float) and math.isnan(worst)):
+                worst = math.nan  # a NaN-only divergence is NaN, never "max rel L2 0"
+            elif m is not None:
                 worst = max(worst, math.inf if m == "inf" else m)
             if summary["first_divergence"] is not None and not out.diverges:
                 out.diverges = True
                 out.first_divergence = {**summary["first_divergence"], "prompt": p.id}
                 out.first_nonfinite = summary["first_nonfinite"]
                 out.hints = [h["text"] for h in summary["hints"]]
-        out.max_rel_l2 = worst if math.isfinite(worst) else "inf"
+        out.max_rel_l2 = worst if math.isfinite(worst) else ("nan" if math.isnan(worst) else "inf")
         out.seconds = time.perf_counter() - t0
         return out
 

@@ -40,10 +40,42 @@ def evaluate(gates: Gates, comparison: dict, mos: Mos | None = None, mos_result:
             f"first divergence at {where(first)}: rel L2 {first['rel_l2']} > {first['tolerance']}",
         ))
     if gates.max_rel_l2 is not None:
-        worst = comparison.get("max_rel_l2")
-        worst_f = float("inf") if worst in ("inf", None) and comparison.get("points_compared") else float(worst or 0)
+        worst = comparison.get("max_rel_l2")  # a float, "inf", "nan" (a NaN/inf on the candidate) or None
+        if isinstance(worst, str) or (worst is None and comparison.get("points_compared")):
+            worst_f = float("nan")
+        else:
+            worst_f = float(worst or 0)
         results.append(GateResult(
             "max_rel_l2", worst_f <= gates.max_rel_l2, f"max rel L2 {worst} (limit {gates.max_rel_l2})"
+        ))
+    sampler = comparison.get("sampler")
+    if gates.sampler_agrees and sampler is not None and not sampler.get("do_sample"):
+        bad = sampler.get("mismatches", 0)
+        first = sampler.get("first") or {}
+        results.append(GateResult(
+            "sampler_agrees", bad == 0,
+            "the same logits give the same token at every teacher-forced point" if bad == 0 else
+            f"{bad} point(s) where the candidate's token is not what the reference's sampler picks from the same logits "
+            f"(first {where({**first, 'point': ''}).strip()}: {first.get('own')} instead of {first.get('expected')}; "
+            f"stage: {first.get('stage')})",
+        ))
+    stop = comparison.get("stop") or {}
+    if gates.stop_prob_ratio is not None and stop:
+        c = stop.get("collapse")
+        results.append(GateResult(
+            "stop_probability", c is None,
+            f"the candidate's stop probability stays within {gates.stop_prob_ratio:g}x of the reference's "
+            f"({stop.get('steps_judged', 0)} steps judged)" if c is None else
+            f"talker step {c['step']}: stop probability {c['candidate_prob']:.3g} vs the reference's "
+            f"{c['reference_prob']:.3g} (more than {gates.stop_prob_ratio:g}x lower)",
+        ))
+    if gates.no_runaway and stop and "free_run" in comparison:
+        r = stop.get("runaway")
+        results.append(GateResult(
+            "no_runaway", r is None,
+            "the candidate does not run to max_frames where the reference stops" if r is None else
+            f"the candidate ran to max_frames ({r['candidate_frames']} frames) where the reference stopped after "
+            f"{r['reference_frames']}",
         ))
     if gates.min_token_agreement is not None:
         agreement = (comparison.get("free_run") or {}).get("agreement")

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from parity import compare, gates as gates_mod, scoring
+from parity import compare, gates as gates_mod, scoring, strictjson
 from parity.engines.base import Engine, make_engine
 from parity.env import fingerprint
 from parity.errors import BadInput, EngineFailure
@@ -58,7 +58,7 @@ class Interrupted(KeyboardInterrupt):
 def write_json(path: Path, data) -> None:
     """Write JSON atomically: a killed run never leaves a half-written file behind."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str, ensure_ascii=False))
+    tmp.write_text(strictjson.dumps(data, indent=1, ensure_ascii=False))  # never a bare NaN/Infinity
     os.replace(tmp, path)
 
 
@@ -470,7 +470,8 @@ class Run:
                        cand_audio: list[tuple[np.ndarray, int]] | None = None) -> None:
         points = compare.point_frame(forced, ref, self.tol)
         points.drop(columns=["finite"]).to_csv(self.out / "points" / f"{p.id}.csv.gz", index=False)
-        comparison = compare.summarize(points, forced, ref, free, self.tol)
+        comparison = compare.summarize(points, forced, ref, free, self.tol, truth=truth, decoding=self.recipe.decoding,
+                                       stop_ratio=self.recipe.gates.stop_prob_ratio)
         if truth is not None:  # which side is further from the truth: "different" vs "worse"
             comparison["truth"] = compare.compare_truth(forced, ref, truth, self.tol)
         # compare.py flags NaN/inf on the candidate's hidden states; the reference's and both

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from parity import strictjson
+
 TENSOR_FIELDS = (
     "talker_hidden", "talker_logits", "talker_tokens", "talker_choice",
     "codes", "pred_hidden", "pred_logits", "pred_choice",
@@ -87,7 +89,7 @@ class Trace:
         os.replace(tmp, directory / f"{name}.safetensors")
         meta = {**self.meta, "stored": "tokens" if tokens_only else "full"}
         tmp_json = directory / f".{name}.json.tmp"
-        tmp_json.write_text(json.dumps(meta, indent=1, default=str))
+        tmp_json.write_text(strictjson.dumps(meta, indent=1))
         os.replace(tmp_json, directory / f"{name}.json")
 
     @classmethod
