@@ -256,7 +256,7 @@ def _site_hint(site: list[Source], gr: Grids, tol: float, prefill_len: int | Non
     where = {"component": src.component, "step": src.step, "substep": src.substep,
              "point": src.point(n_t if src.component == "talker" else n_p)}
     ev = {"rel_l2": src.rel, "upstream_rel_l2": src.up, "tolerance": tol, "steps_with_source": len(steps_with)}
-    persists = f"; it enters again at {len(steps_with)} steps" if len(steps_with) > 1 else ""
+    persists = f"; it enters afresh at {len(steps_with)} steps in all" if len(steps_with) > 1 else ""
     if src.index == 0:
         last = gr.t_rel[src.step, -2] if src.component == "talker" else gr.p_rel[src.step, src.substep, -2]
         ev["last_layer_rel_l2"] = float(last)
@@ -285,6 +285,12 @@ def _site_hint(site: list[Source], gr: Grids, tol: float, prefill_len: int | Non
     if src.component == "predictor":
         t_max = float(gr.t_rel.max()) if gr.t_rel.size else 0.0
         ev["talker_max_rel_l2"] = t_max
+        if t_max > tol:  # the talker diverges too (another site): this one is not "predictor only"
+            f_max = float(gr.t_rel[src.step].max()) if src.step < gr.t_rel.shape[0] else 0.0
+            text = (f"enters at layer {layer} of predictor frame {src.step} sub-step {src.substep} (rel L2 {g(src.rel)}), "
+                    f"from inputs within tolerance (talker step {src.step} max {g(f_max)}, earlier layers {before_text})"
+                    f"{persists}: a predictor-specific path, independent of the talker's divergence")
+            return hint("enters_at_layer", text, {**ev, "layer": layer, "phase": "predictor"}, where=where)
         talker_text = "bit-identical" if t_max == 0 else f"within tolerance (max {g(t_max)})"
         frames = sorted({s.step for s in site})
         subs = sorted({s.substep for s in site})
@@ -299,7 +305,7 @@ def _site_hint(site: list[Source], gr: Grids, tol: float, prefill_len: int | Non
     ev["last_layer_rel_l2"] = last
     carried = f" and is carried after (last layer {g(last)})" if layer < n_t - 1 else ""
     if src.step == 0:
-        text = (f"enters at layer {layer} of the prefill: layers 0-{layer - 1} {before_text} at step 0; the error enters at "
+        text = (f"enters at layer {layer} of the prefill: {_layers(layer)} {before_text} at step 0; the error enters at "
                 f"layer {layer} (rel L2 {g(src.rel)}){carried}{persists}") if layer > 0 else (
                 f"enters at layer 0 of the prefill: its input embedding {before_text}; the error enters at layer 0 "
                 f"(rel L2 {g(src.rel)}){carried}{persists}")
@@ -321,7 +327,7 @@ def _site_hint(site: list[Source], gr: Grids, tol: float, prefill_len: int | Non
     ev["earlier_steps_max_rel_l2"] = before_all
     earlier = "bit-identical" if before_all == 0 else f"within tolerance (max {g(before_all)})"
     if src.step == 1:
-        inputs = f"its input embedding is {before_text}" if layer == 0 else f"layers 0-{layer - 1} are {before_text}"
+        inputs = f"its input embedding is {before_text}" if layer == 0 else f"{_layers(layer)} {before_text}"
         text = (f"enters at layer {layer} of the first decode step: the prefill is {earlier}; at decode step 1 {inputs} "
                 f"and the error enters at layer {layer} "
                 f"(rel L2 {g(src.rel)}){carried}{persists}: the single-token decode path differs (static/padded cache "
@@ -332,6 +338,11 @@ def _site_hint(site: list[Source], gr: Grids, tol: float, prefill_len: int | Non
             "on position or cache length (RoPE table, cache size or wrap-around, a length-dependent kernel choice)")
     return hint("from_step", text, {**ev, "layer": layer, "position": None if prefill_len is None else prefill_len + src.step - 1},
                 where=where)
+
+
+def _layers(layer: int) -> str:
+    """'layer 0' / 'layers 0-4': the layers before ``layer``."""
+    return "layer 0" if layer == 1 else f"layers 0-{layer - 1}"
 
 
 def _growth(series: np.ndarray, until: int) -> dict | None:

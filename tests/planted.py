@@ -218,7 +218,8 @@ CASES: list[Case] = [
     Case("two_faults", "talker prefill layer 1 (1e-3) + predictor frame 4 sub-step 3 layer 1 (1e-3)",
          _both(lambda e: layer_noise(e, "talker", 1, lambda c: 1e-3 if c[1] == 0 else None),
                lambda e: layer_noise(e, "predictor", 1, lambda c: 1e-3 if c[1:] == (4, 3) else None)),
-         ("talker", 0, -1, 1), "multiple_sources", also=("enters_at_layer",), failed_gates=DIVERGED),
+         ("talker", 0, -1, 1), "multiple_sources", also=("enters_at_layer",), absent=("predictor_only",),
+         failed_gates=DIVERGED),
     Case("nan_masked_row", "a fully masked attention row at talker decode step 3, layer 1",
          lambda e: variant(e, "mask_row=3@talker:1"),
          ("talker", 3, -1, 1), "nan_masked_row", absent=("nan_overflow", "multiple_sources"), flip="real",
@@ -257,6 +258,85 @@ CASES: list[Case] = [
     Case("input_embedding", "the talker's codec embedding table output (1e-3)",
          lambda e: module_hook(e.talker.get_input_embeddings(), lambda h: h + _noise_like(h, 1e-3, 3)),
          ("talker", 0, -1, -1), "input_embedding", absent=("multiple_sources",), failed_gates=DIVERGED),
+]
+
+
+@contextlib.contextmanager
+def rope_shift(engine, shift: int = 1):
+    """RoPE positions off by ``shift`` at the talker's decode steps (the prefill untouched)."""
+    def pre(module, args, kwargs):
+        if len(args) > 1:
+            pos = args[1]
+            if pos.shape[-1] == 1:
+                return (args[0], pos + shift) + tuple(args[2:]), kwargs
+        elif "position_ids" in kwargs and kwargs["position_ids"].shape[-1] == 1:
+            return args, {**kwargs, "position_ids": kwargs["position_ids"] + shift}
+        return None
+
+    handle = engine.talker.model.rotary_emb.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+TIE_STEP = 3
+
+
+@contextlib.contextmanager
+def near_tie(engine, gap: float = 1e-7):
+    """Shared by both sides: at talker step TIE_STEP the second-best ordinary token's logit is set
+    ``gap`` below the best one's (a model that is nearly tied there)."""
+    state = {"step": 0}
+
+    def fn(hidden):
+        if hidden.dim() == 3 and hidden.shape[1] > 1:
+            state["step"] = 0
+        step = state["step"]
+        state["step"] += 1
+        if step != TIE_STEP:
+            return None
+        out = hidden.clone()
+        top = torch.topk(out[0, -1, :256], 2).indices
+        out[0, -1, top[1]] = out[0, -1, top[0]] - gap
+        return out
+
+    with module_hook(engine.talker.codec_head, fn):
+        yield
+
+
+@contextlib.contextmanager
+def tip_the_tie(engine, amount: float = 1e-6):
+    """The candidate: at talker step TIE_STEP raise the runner-up by ``amount`` (a rounding-sized
+    change, far within tolerance), which flips the near tie."""
+    state = {"step": 0}
+
+    def fn(hidden):
+        if hidden.dim() == 3 and hidden.shape[1] > 1:
+            state["step"] = 0
+        step = state["step"]
+        state["step"] += 1
+        if step != TIE_STEP:
+            return None
+        out = hidden.clone()
+        top = torch.topk(out[0, -1, :256], 2).indices
+        out[0, -1, top[1]] += amount
+        return out
+
+    with module_hook(engine.talker.codec_head, fn):
+        yield
+
+
+CASES += [
+    Case("kv_fp8", "an fp8 KV cache with per-head scales on the candidate (a real bug, not rounding)",
+         lambda e: variant(e, "kv_quant=fp8"), ("talker", 0, -1, 0), "enters_at_layer", flip="real",
+         failed_gates=DIVERGED, extra={"phase": "prefill", "layer": 0}),
+    Case("rope_off_by_one", "RoPE positions off by one at every decode step (prefill untouched)",
+         lambda e: rope_shift(e, 1), ("talker", 1, -1, 0), "enters_at_layer", flip="real", failed_gates=DIVERGED,
+         extra={"phase": "decode", "layer": 0}),
+    Case("near_tie_within_noise", "the model is nearly tied at step 3 (margin 1e-7, both sides); the candidate moves "
+         "the runner-up by 1e-6 (rel L2 ~1e-8, within tolerance)",
+         lambda e: tip_the_tie(e), None, None, flip="tie", shared=lambda e: near_tie(e)),
 ]
 
 
