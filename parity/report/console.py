@@ -37,7 +37,7 @@ def print_summary(summary: dict, console: Console) -> None:
         flip = c["first_flip"]
         flip_text = "-" if flip is None else (
             f"{flip['component']} {flip['step']}" + (f".{flip['substep']}" if flip["substep"] >= 0 else "")
-            + f" Δ{flip['cand_margin']:.2g} " + (flip.get("label") or ("tie" if flip["near_tie"] else "real"))
+            + f" Δ{_fmt(flip['cand_margin'], '.2g')} " + (flip.get("label") or ("tie" if flip["near_tie"] else "real"))
         )
         free = c.get("free_run", {})
         verdict = "[green]pass[/]" if p["passed"] else "[red]FAIL[/] " + ", ".join(g["name"] for g in p["gates"] if not g["passed"])
