@@ -60,7 +60,7 @@ def evaluate(gates: Gates, comparison: dict, mos: Mos | None = None, mos_result:
             f"stage: {first.get('stage')})",
         ))
     stop = comparison.get("stop") or {}
-    if gates.stop_prob_ratio is not None and stop:
+    if gates.stop_prob_ratio and stop:
         c = stop.get("collapse")
         results.append(GateResult(
             "stop_probability", c is None,

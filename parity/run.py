@@ -471,7 +471,7 @@ class Run:
         points = compare.point_frame(forced, ref, self.tol)
         points.drop(columns=["finite"]).to_csv(self.out / "points" / f"{p.id}.csv.gz", index=False)
         comparison = compare.summarize(points, forced, ref, free, self.tol, truth=truth, decoding=self.recipe.decoding,
-                                       stop_ratio=self.recipe.gates.stop_prob_ratio)
+                                       stop_ratio=self.recipe.gates.stop_prob_ratio or None)
         if truth is not None:  # which side is further from the truth: "different" vs "worse"
             comparison["truth"] = compare.compare_truth(forced, ref, truth, self.tol)
         # compare.py flags NaN/inf on the candidate's hidden states; the reference's and both

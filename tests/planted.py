@@ -404,7 +404,11 @@ def judge(case: Case, out: dict) -> dict:
     flip = c["first_flip"]
     flip_ok = (flip is None) if case.flip is None else (flip is not None and flip["label"] == case.flip)
     failed = frozenset(g.name for g in out["gates"] if not g.passed)
+    # The rule this replaced: a tie when the reference's margin is within 3x the divergence's own logit noise.
+    old = None if flip is None else ("tie" if flip["ref_margin"] <= 3 * flip["logit_noise"] else "real")
+    old_ok = (flip is None) if case.flip is None else old == case.flip
     return {"case": case.name, "localisation": got_first == case.first, "hint": hint_ok, "flip": flip_ok,
+            "flip_old_rule": old_ok,
             "gates": failed == case.failed_gates, "got": {"first": got_first, "classes": classes,
             "flip": flip and flip["label"], "failed_gates": sorted(failed)},
             "expected": {"first": case.first, "hint": case.hint, "flip": case.flip, "failed_gates": sorted(case.failed_gates)}}

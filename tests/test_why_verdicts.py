@@ -107,6 +107,10 @@ def test_stop_prob_ratio_is_a_checked_recipe_key():
     assert (r.gates.stop_prob_ratio, r.gates.sampler_agrees, r.gates.no_runaway) == (20.0, False, False)
     with pytest.raises(BadInput, match="stop_prob_ratio"):
         parse_recipe_text("[gates]\nstop_prob_ratio = 0.5\n")
+    off = parse_recipe_text("[gates]\nstop_prob_ratio = 0\n")
+    comparison = {"stop": {"collapse": {"step": 1, "candidate_prob": 1e-9, "reference_prob": 0.5}}}
+    assert "stop_probability" not in [g.name for g in gates.evaluate(off.gates, comparison)]
+    assert [g.passed for g in gates.evaluate(r.gates, comparison) if g.name == "stop_probability"] == [False]
 
 
 def test_run_prints_a_hint_line_and_writes_strict_json(tmp_path, tiny_dir):
