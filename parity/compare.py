@@ -162,6 +162,8 @@ def flips(cand: Trace, ref: Trace, tol: float = 1e-5, truth: Trace | None = None
     """Every teacher-forced flip in execution order, labelled (see :func:`flip_label`).
     ``sampler_points``: the (component, step, substep) where the sampler check found the
     candidate's choice inconsistent with its own logits."""
+    if cand.talker_logits.numel() == 0 or ref.talker_logits.numel() == 0:
+        return []  # traces = "tokens": no logits to judge a flip by
     s_max = min(cand.n_steps, ref.n_steps)
     f_max = min(cand.n_frames, ref.n_frames)
     talker_allowed = _allowed_mask(ref, ref.talker_logits.shape[-1])

@@ -272,6 +272,11 @@ def _site_hint(site: list[Source], gr: Grids, tol: float, prefill_len: int | Non
             hidden = float(hidden_rel[np.isfinite(hidden_rel)].max(initial=0.0))
             pred = float(gr.p_rel.max()) if gr.p_rel.size else 0.0
             ev.update(talker_hidden_max_rel_l2=hidden, predictor_max_rel_l2=pred)
+            if hidden > tol:  # other sites diverge elsewhere: speak only of this step
+                last = float(gr.t_rel[src.step, -2])
+                text = (f"talker logits: at {_at(src, gr).split(' of ', 1)[1]} the last layer is within tolerance "
+                        f"({g(last)}) but the logits differ (rel L2 {g(src.rel)}){persists}: the final norm or the codec head")
+                return hint("logits_only", text, {**ev, "last_layer_rel_l2": last}, where=where)
             which = ("the codec head itself (the code predictor, which reads the final-normed hidden state, stays within "
                      f"tolerance: max {g(pred)})") if pred <= tol else (
                      f"the final norm (the code predictor, which reads the normed hidden state, differs too: max {g(pred)})")
