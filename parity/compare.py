@@ -227,8 +227,8 @@ def summarize(points: pd.DataFrame, forced: Trace, ref: Trace, free: Trace | Non
     if len(nonfinite):
         row = nonfinite.iloc[0]
         first_nonfinite = {k: _py(row[k]) for k in ["component", "step", "substep", "layer", "point"]}
-        first_nonfinite.update(nonfinite_detail(forced, ref, first_nonfinite))
-        nonfinite_info = {"where": _where(row), "detail": dict(first_nonfinite), "index": int(nonfinite.index[0])}
+        detail = nonfinite_detail(forced, ref, first_nonfinite)
+        nonfinite_info = {"where": _where(row), "detail": detail, "index": int(nonfinite.index[0])}
     hidden = points[points["point"] != "logits"]
     per_layer = (
         hidden.groupby(["component", "layer"])["added"].mean().reset_index()
@@ -247,6 +247,7 @@ def summarize(points: pd.DataFrame, forced: Trace, ref: Trace, free: Trace | Non
     result = {
         "first_divergence": first,
         "first_nonfinite": first_nonfinite,
+        "first_nonfinite_detail": nonfinite_info and nonfinite_info["detail"],
         "max_rel_l2": max_rel_l2(points),
         "points_compared": int(len(points)),
         "points_over": int(len(over)),
