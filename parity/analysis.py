@@ -153,7 +153,9 @@ def comparison(t: PromptTraces, tol: float, recipe=None):
     from parity import compare
 
     points = compare.point_frame(t.forced, t.reference, tol)
-    c = compare.summarize(points, t.forced, t.reference, t.free, tol)
+    c = compare.summarize(points, t.forced, t.reference, t.free, tol, truth=t.truth,
+                          decoding=recipe.decoding if recipe is not None else None,
+                          stop_ratio=(recipe.gates.stop_prob_ratio or None) if recipe is not None else None)
     if t.truth is not None:  # which side is further from the truth: "different" vs "worse"
         c["truth"] = compare.compare_truth(t.forced, t.reference, t.truth, tol)
     c["first_nonfinite_reference"] = first_nonfinite_point(t.reference)

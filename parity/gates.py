@@ -31,6 +31,36 @@ def evaluate(gates: Gates, comparison: Comparison, mos: Mos | None = None, mos_r
         ok = bad == 0 and (worst is None or worst <= gates.max_rel_l2)
         shown = f"inf ({bad} point(s) with NaN/inf)" if bad else worst
         results.append(Gate("max_rel_l2", ok, f"max rel L2 {shown} (limit {gates.max_rel_l2})"))
+    extra = comparison.extra
+    sampler = extra.get("sampler")
+    if gates.sampler_agrees and sampler is not None and not sampler.get("do_sample"):
+        bad = sampler.get("mismatches", 0)
+        first = sampler.get("first") or {}
+        results.append(Gate(
+            "sampler_agrees", bad == 0,
+            "the same logits give the same token at every teacher-forced point" if bad == 0 else
+            f"{bad} point(s) where the candidate's token is not what the reference's sampler picks from the same logits "
+            f"(first {where({**first, 'point': ''}).strip()}: {first.get('own')} instead of {first.get('expected')}; "
+            f"stage: {first.get('stage')})",
+        ))
+    stop = extra.get("stop") or {}
+    if gates.stop_prob_ratio and stop:
+        c = stop.get("collapse")
+        results.append(Gate(
+            "stop_probability", c is None,
+            f"the candidate's stop probability stays within {gates.stop_prob_ratio:g}x of the reference's "
+            f"({stop.get('steps_judged', 0)} steps judged)" if c is None else
+            f"talker step {c['step']}: stop probability {c['candidate_prob']:.3g} vs the reference's "
+            f"{c['reference_prob']:.3g} (more than {gates.stop_prob_ratio:g}x lower)",
+        ))
+    if gates.no_runaway and stop and comparison.free_run is not None:
+        r = stop.get("runaway")
+        results.append(Gate(
+            "no_runaway", r is None,
+            "the candidate does not run to max_frames where the reference stops" if r is None else
+            f"the candidate ran to max_frames ({r['candidate_frames']} frames) where the reference stopped after "
+            f"{r['reference_frames']}",
+        ))
     if gates.min_token_agreement is not None:
         agreement = comparison.free_run.agreement if comparison.free_run else None
         ok = agreement is not None and agreement >= gates.min_token_agreement

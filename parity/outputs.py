@@ -3,17 +3,17 @@ stage, shared by ``parity run``, ``parity compare`` and ``parity report``)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from parity import strictjson
 from parity.results import Summary
 
 
 def write_json(path: Path, data) -> None:
     """Write JSON atomically: a killed process never leaves a half-written file behind."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str, ensure_ascii=False))
+    tmp.write_text(strictjson.dumps(data, indent=1, ensure_ascii=False))  # never a bare NaN/Infinity
     os.replace(tmp, path)
 
 

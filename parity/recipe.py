@@ -76,6 +76,13 @@ class Gates:
     max_rel_l2: float | None = None  # no point's relative L2 error may exceed this
     min_token_agreement: float | None = None  # free-running code agreement, 0..1
     no_nonfinite: bool = True  # NaN/inf anywhere on the candidate side fails
+    # Under greedy decoding the same logits must give the same token: fails when the candidate's
+    # choice is not what the reference's sampler picks from the candidate's own logits.
+    sampler_agrees: bool = True
+    # Fails when, at a step where the reference's stop (EOS) probability is >= 1e-3, the
+    # candidate's is more than this factor lower (teacher-forced); 0 turns the check off.
+    stop_prob_ratio: float | None = 10.0
+    no_runaway: bool = True  # fails when the free-running candidate hits max_frames where the reference stopped
 
 
 @dataclass(frozen=True)
@@ -229,6 +236,8 @@ def validate(recipe: Recipe, where: str) -> Recipe:
     g = recipe.gates
     if g.min_token_agreement is not None and not 0 <= g.min_token_agreement <= 1:
         raise BadInput(f"{where} [gates]: min_token_agreement must be in [0, 1], got {g.min_token_agreement}")
+    if g.stop_prob_ratio is not None and g.stop_prob_ratio != 0 and g.stop_prob_ratio <= 1:
+        raise BadInput(f"{where} [gates]: stop_prob_ratio must be a factor > 1 (or 0 to turn the check off), got {g.stop_prob_ratio}")
     if g.max_rel_l2 is not None and g.max_rel_l2 <= 0:
         raise BadInput(f"{where} [gates]: max_rel_l2 must be > 0, got {g.max_rel_l2}")
     if recipe.traces not in ("full", "tokens"):

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 # Bump when what a saved trace means changes (fields, layout, storage): cached reference traces
 # of another version are never reused.
 TRACE_FORMAT_VERSION = 2
+from parity import strictjson
 
 TENSOR_FIELDS = (
     "talker_hidden", "talker_logits", "talker_tokens", "talker_choice",
@@ -114,7 +115,7 @@ class Trace:
         os.replace(tmp, directory / f"{name}.safetensors")
         meta = {**self.meta, "stored": "tokens" if tokens_only else "full"}
         tmp_json = directory / f".{name}.json.tmp"
-        tmp_json.write_text(json.dumps(meta, indent=1, default=str))
+        tmp_json.write_text(strictjson.dumps(meta, indent=1))
         os.replace(tmp_json, directory / f"{name}.json")
 
     @classmethod

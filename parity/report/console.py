@@ -23,7 +23,8 @@ def print_summary(summary: Summary, console: Console) -> None:
     table = Table(
         title=f"parity: {title}",
         caption=f"tolerance rel L2 {summary.tolerance:g}; first flip: teacher-forced step[.sub-step], "
-        "logit margin Δ, 'tie' = the reference's own margin is within 3x the logit noise",
+        "logit margin Δ, 'tie' = the reference's own margin is within 3x the noise floor (tolerance x logit RMS), "
+        "'sampler' = not what the reference's sampler picks from the same logits",
     )
     for col in ("prompt", "first divergence", "rel L2", "first flip", "agree", "frames", "verdict"):
         table.add_column(col, overflow="fold")
@@ -35,7 +36,7 @@ def print_summary(summary: Summary, console: Console) -> None:
         first, flip = c.first_divergence, c.first_flip
         flip_text = "-" if flip is None else (
             f"{flip.component} {flip.step}" + (f".{flip.substep}" if flip.substep >= 0 else "")
-            + f" Δ{_fmt(flip.cand_margin, '.2g')}" + (" tie" if flip.near_tie else "")
+            + f" Δ{_fmt(flip.cand_margin, '.2g')} " + (flip.extra.get("label") or ("tie" if flip.near_tie else "real"))
         )
         rel = ("inf" if first.nonfinite else first.rel_l2) if first else c.max_rel_l2
         verdict = "[green]pass[/]" if p.passed else "[red]FAIL[/] " + ", ".join(g.name for g in p.failed_gates())
@@ -45,6 +46,8 @@ def print_summary(summary: Summary, console: Console) -> None:
             f"{c.ref_frames}/{c.ref_frames + (c.length_diff or 0)}", verdict,
         )
     console.print(table)
+    for line in hint_lines(summary):
+        console.print(line, highlight=False, markup=False)
     print_modes(summary, console)
 
 
@@ -78,3 +81,17 @@ def print_modes(summary, console: Console) -> None:
                       yes_no[r["depends_on_mates"]])
     console.print(table)
     console.print(f"batch: {batch['verdict']}", markup=False, highlight=False)
+
+
+def hint_lines(summary) -> list[str]:
+    """One line per failing prompt: its first hint (and how many more there are)."""
+    lines = []
+    for p in summary.prompts:
+        if not p.ran or p.passed or p.comparison is None:
+            continue
+        hints = p.comparison.hints or []
+        if hints:
+            more = f" (+{len(hints) - 1} more in report.html)" if len(hints) > 1 else ""
+            text = hints[0]["text"] if isinstance(hints[0], dict) else str(hints[0])
+            lines.append(f"{p.id}: hint: {text}{more}")
+    return lines

@@ -172,6 +172,13 @@ def _prompt_view(p: dict, index: int, run_dir: Path) -> dict:
         markers.append(("first forced flip", _seconds(c["first_flip"]["step"]), plots.COLORS["forced"]))
     if (c.get("free_run") or {}).get("first_diff_frame") is not None:
         markers.append(("codes differ", _seconds(c["free_run"]["first_diff_frame"]), plots.COLORS["flip"]))
+    stop = c.get("stop") or {}
+    if stop.get("collapse"):
+        markers.append(("stop prob collapses", _seconds(stop["collapse"]["step"]), plots.COLORS["flip"]))
+    if stop.get("runaway"):
+        markers.append(("runaway (reference stops here)", _seconds(stop["runaway"]["reference_frames"]), plots.COLORS["flip"]))
+    if (c.get("sampler") or {}).get("first"):
+        markers.append(("sampler differs", _seconds(c["sampler"]["first"]["step"]), plots.COLORS["forced"]))
     if isinstance(p.get("audible_from_s"), (int, float)):
         markers.append(("audible", float(p["audible_from_s"]), "#000000"))
     view["markers"] = sorted(markers, key=lambda m: m[1])
