@@ -159,7 +159,10 @@ def comparison(t: PromptTraces, tol: float, recipe=None):
     if t.truth is not None:  # which side is further from the truth: "different" vs "worse"
         c["truth"] = compare.compare_truth(t.forced, t.reference, t.truth, tol)
     c["first_nonfinite_reference"] = first_nonfinite_point(t.reference)
-    c["nonfinite_points"] = int((~np.isfinite(points["rel_l2"].to_numpy(dtype=float))).sum())
+    rel = points["rel_l2"].to_numpy(dtype=float)
+    c["nonfinite_points"] = int((~np.isfinite(rel)).sum())
+    # The record keeps the largest *finite* error; NaN/inf points are counted above, not folded in.
+    c["max_rel_l2"] = float(rel[np.isfinite(rel)].max()) if np.isfinite(rel).any() else None
     return points, Comparison.from_json(c)
 
 

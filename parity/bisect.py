@@ -190,7 +190,8 @@ class Runner:
                 out.first_divergence, out.prompt = c.first_divergence, p.id
                 out.first_nonfinite = c.first_nonfinite
                 out.hints = [h["text"] for h in c.hints]
-        out.max_rel_l2, out.nonfinite = worst, nonfinite
+        # A NaN/inf divergence has no finite size: never report it as "max rel L2 0".
+        out.max_rel_l2, out.nonfinite = (None if nonfinite and worst == 0.0 else worst), nonfinite
         out.seconds = time.perf_counter() - t0
         return out
 

@@ -253,7 +253,9 @@ def summarize(points: pd.DataFrame, forced: Trace, ref: Trace, free: Trace | Non
         "first_divergence": first,
         "first_nonfinite": first_nonfinite,
         "first_nonfinite_detail": nonfinite_info and nonfinite_info["detail"],
-        "max_rel_l2": max_rel_l2(points),
+        # The largest finite error; NaN/inf points are counted apart (Comparison.nonfinite_points),
+        # so a NaN-only divergence is never reported as "max rel L2 0" (see max_rel_l2 below).
+        "max_rel_l2": _py(points["rel_l2"].replace([np.inf], np.nan).max()) if len(points) else None,
         "points_compared": int(len(points)),
         "points_over": int(len(over)),
         "bit_identical": bool(len(points) and (points["max_abs"] == 0).all()),
