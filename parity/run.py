@@ -20,7 +20,6 @@ import gc
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from parity import compare, gates as gates_mod, scoring
+from parity import compare, digest, faults, gates as gates_mod, limits, outdir, scoring
 from parity.engines.base import Engine, make_engine
 from parity.env import fingerprint
 from parity.errors import BadInput, EngineFailure
@@ -57,9 +56,7 @@ class Interrupted(KeyboardInterrupt):
 
 def write_json(path: Path, data) -> None:
     """Write JSON atomically: a killed run never leaves a half-written file behind."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str, ensure_ascii=False))
-    os.replace(tmp, path)
+    outdir.atomic_write_json(path, data)
 
 
 def write_wav(path: Path, wav: np.ndarray, sr: int) -> None:
@@ -67,19 +64,14 @@ def write_wav(path: Path, wav: np.ndarray, sr: int) -> None:
     report them first with :func:`first_nonfinite_sample`)."""
     import soundfile as sf
 
-    tmp = path.with_name(f".{path.name}.tmp.wav")
     wav = np.nan_to_num(np.asarray(wav, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
-    sf.write(str(tmp), np.clip(wav, -1, 1), sr, subtype="PCM_16")
-    os.replace(tmp, path)
-
-
-def _is_our_temp(name: str) -> bool:
-    return name.startswith(".") and (name.endswith(".tmp") or name.endswith(".tmp.wav") or name == ".write-test")
+    outdir.atomic_write_with(path, lambda tmp: sf.write(str(tmp), np.clip(wav, -1, 1), sr, subtype="PCM_16", format="WAV"))
 
 
 def check_out_dir(out: Path, force: bool, resume: bool) -> dict | None:
     """Decide whether --out may be used, without changing anything. Returns the run.json of the run
-    to resume (``--resume`` on a non-empty directory), else None."""
+    to resume (``--resume`` on a non-empty directory), else None. A directory another live parity
+    run holds is refused; ``--force`` is refused on a directory without parity's run marker."""
     if force and resume:
         raise BadInput("--force and --resume exclude each other: --force starts over, --resume continues; pass one")
     try:
@@ -88,6 +80,8 @@ def check_out_dir(out: Path, force: bool, resume: bool) -> dict | None:
         entries = sorted(os.listdir(out)) if out.is_dir() else []
     except OSError as e:
         raise BadInput(f"--out '{out}' cannot be read ({e.strerror}); choose another directory") from None
+    outdir.check_not_locked(out)
+    entries = [e for e in entries if e != outdir.LOCK_NAME]
     if not entries:
         return None
     run_json = out / "run.json"
@@ -95,32 +89,36 @@ def check_out_dir(out: Path, force: bool, resume: bool) -> dict | None:
         if not run_json.is_file():
             raise BadInput(f"--out '{out}' has no run.json, so it is not a parity run to resume; pass the directory of an "
                            "interrupted run, or --force to start over")
-        try:
-            previous = json.loads(run_json.read_text(encoding="utf-8"))
-            assert isinstance(previous, dict)
-        except (OSError, ValueError, AssertionError):
-            raise BadInput(f"'{run_json}' is unreadable, so the run cannot be resumed; pass --force to start over") from None
+        previous = limits.read_json(run_json, "run.json", fix="pass --force to start over")
+        if not isinstance(previous, dict):
+            raise BadInput(f"'{run_json}' is unreadable (not a JSON object), so the run cannot be resumed; pass --force to start over")
         return previous
     if not force:
         raise BadInput(f"--out '{out}' is not empty; pass --force to overwrite or --resume to continue it")
-    foreign = [e for e in entries if e not in RUN_ENTRIES and not _is_our_temp(e)]
-    if foreign and not run_json.is_file():
-        raise BadInput(f"--force refuses to delete '{out}': it is not a parity run directory (it holds '{foreign[0]}'); "
-                       "pass a new or empty directory")
+    outdir.force_plan(out)  # refuses a directory parity's marker does not claim
     return None
 
 
 def prepare_out_dir(out: Path, force: bool, resume: bool) -> None:
-    """Create --out (wiping an old run with --force, keeping it with --resume); refuse what is unsafe."""
+    """Create --out (with --force deleting exactly what an earlier run wrote, with --resume keeping
+    it) and record parity's entries in the run marker; refuse what is unsafe. Call with the lock held."""
     check_out_dir(out, force, resume)
     try:
-        if force and out.is_dir() and any(out.iterdir()):
-            shutil.rmtree(out)
+        if force and out.is_dir():
+            outdir.wipe(out)
+        outdir.write_marker(out, RUN_ENTRIES if resume else [e for e in RUN_ENTRIES if not (out / e).exists()])
         for sub in ("traces", "audio", "points", "results"):
             (out / sub).mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+    except OSError as e:
+        if outdir.is_no_space(e):
+            raise outdir.OutOfSpace(f"--out '{out}': no space left ({e.strerror}); free some disk space") from None
+        raise BadInput(f"--out '{out}' is not writable ({e.strerror}); choose a writable directory") from None
+
+
+def make_out_dir(out: Path) -> None:
+    """Create --out (and its parents) so it can be locked; BadInput when that is impossible."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BadInput(f"--out '{out}' is not writable ({e.strerror}); choose a writable directory") from None
 
@@ -277,6 +275,8 @@ class Run:
         self.command = command
         self.progress = progress or (lambda phase, done, total: None)
         self.tol = recipe.tolerance()
+        self.prompt_format: str | None = None  # "text" | "jsonl" | None (by extension)
+        self.recipe_digest: str | None = None  # set by execute; seals each result to its recipe and traces
 
     def execute(self, force: bool = False, resume: bool = False) -> dict:
         """Run everything; returns the summary (also written to summary.json).
@@ -286,7 +286,8 @@ class Run:
         Ctrl-C. Mid-run, summary.json is written first in every case.
         """
         fault = parse_fault(os.environ.get(FAULT_ENV))
-        prompts = load_prompts(self.prompts_path)
+        faults.check()
+        prompts = load_prompts(self.prompts_path, fmt=self.prompt_format)
         previous = check_out_dir(self.out, force, resume)
         model_dir = resolve_model(self.recipe.model, self.recipe.model_seed)
         meta = {
@@ -296,29 +297,47 @@ class Run:
             "environment": fingerprint(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "sides": dict((previous or {}).get("sides") or {}),
         }
+        if not isinstance(meta["sides"], dict) or not all(isinstance(v, dict) for v in meta["sides"].values()):
+            meta["sides"] = {}
         if fault:
             meta["test_fault"] = os.environ[FAULT_ENV]
+        if os.environ.get(faults.ENV):
+            meta["test_fault_at"] = os.environ[faults.ENV]
         if previous is not None:
             check_resumable(previous, meta, self.out)
         self._checked = preflight(prompts, self.recipe, model_dir, self.prompts_path)
         # Scorers load before any engine, so a missing UTMOS checkpoint is refused up front.
         self.scorers = scoring.load_scorers(self.recipe.mos.scorers, self.recipe.mos.utmos_checkpoint)
         engines = {role: self._make(getattr(self.recipe, role), model_dir, role) for role in ("reference", "candidate")}
+        self.recipe_digest = digest.recipe_digest(meta["recipe"], meta["prompts_digest"])
+        make_out_dir(self.out)
+        with outdir.RunLock(self.out, self.command):
+            return self._execute_locked(prompts, meta, engines, model_dir, fault, force, resume)
+
+    def _execute_locked(self, prompts: list[Prompt], meta: dict, engines: dict[str, Engine], model_dir, fault,
+                        force: bool, resume: bool) -> dict:
+        """The part of a run that writes into --out (the lock is held). From here on every failure
+        ends the same way: summary.json with the finished prompts, then the failure's exit code."""
         prepare_out_dir(self.out, force, resume)
         todo = [p for p in prompts if not (resume and self._finished(p))]
-        write_json(self.out / "run.json", meta)
         self.peak: dict[str, dict] = {}
         failure: BaseException | None = None
         try:
+            write_json(self.out / "run.json", meta)
+            faults.point("before_load")
             self._run_sides(todo, engines, meta, prompts, model_dir, fault)
         except (Exception, KeyboardInterrupt) as e:  # keep what finished, mark the rest, then report
             failure = e
         summary = self.write_summary(prompts, meta, failure)
+        failure = failure or getattr(self, "output_failure", None)
         if isinstance(failure, (BadInput, KeyboardInterrupt)):
             raise failure
+        saved = f"{summary['counts']['ran']} of {len(prompts)} prompts finished and are saved in {self.out}"
+        if isinstance(failure, outdir.OutOfSpace) or outdir.is_no_space(failure):
+            raise outdir.OutOfSpace(f"disk full or not writable: {_one_line(failure)}; {saved}; free some space and "
+                                    "rerun with --resume") from None
         if failure is not None:
-            raise EngineFailure(f"engine failed: {_one_line(failure)}; {summary['counts']['ran']} of "
-                                f"{len(prompts)} prompts finished and are saved in {self.out}; rerun with --resume") from failure
+            raise EngineFailure(f"engine failed: {_one_line(failure)}; {saved}; rerun with --resume") from failure
         return summary
 
     def _make(self, side, model_dir, role: str) -> Engine:
@@ -335,13 +354,22 @@ class Run:
         return self._read_result(p) is not None and all((self.out / f).is_file() for f in files)
 
     def _read_result(self, p: Prompt) -> dict | None:
-        """results/<id>.json if it is a complete result of this prompt, else None."""
+        """results/<id>.json if it is a complete result of this prompt, else None. A result whose
+        digest does not match its traces and this run's recipe is refused (BadInput): it was
+        edited or does not belong here."""
+        path = self.out / "results" / f"{p.id}.json"
         try:
-            result = json.loads((self.out / "results" / f"{p.id}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            result = limits.read_json(path, "result")
+        except BadInput:  # missing, truncated or unreadable: the prompt runs again
             return None
         ok = isinstance(result, dict) and result.get("id") == p.id and result.get("status") == "ok"
-        return result if ok else None
+        if not ok:
+            return None
+        recipe_id = self.recipe_digest
+        if recipe_id is not None and not digest.verify(result, self.out, recipe_id):
+            raise BadInput(f"'{path}' does not match its traces and recipe (its digest differs: edited by hand or from "
+                           f"another run); delete it to recompute that prompt, or pass --force to start over")
+        return result
 
     def _run_sides(self, prompts: list[Prompt], engines: dict[str, Engine], meta: dict, all_prompts: list[Prompt],
                    model_dir, fault) -> None:
@@ -372,6 +400,7 @@ class Run:
                 write_wav(self.out / "audio" / f"{p.id}.reference.wav", wav, sr)
                 ref_traces[p.id] = trace
                 self.progress("reference", i + 1, len(prompts))
+                faults.point("between")
         finally:
             self._release(engine, "reference")
         done = [p for p in prompts if p.id in ref_traces]
@@ -430,6 +459,7 @@ class Run:
         if device.startswith("cuda") and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         try:
+            faults.point("load")
             engine.load()
         except BaseException as e:
             engine.close()  # free whatever a half-done load allocated
@@ -469,7 +499,8 @@ class Run:
                        ref_audio: list[tuple[np.ndarray, int]] | None = None,
                        cand_audio: list[tuple[np.ndarray, int]] | None = None) -> None:
         points = compare.point_frame(forced, ref, self.tol)
-        points.drop(columns=["finite"]).to_csv(self.out / "points" / f"{p.id}.csv.gz", index=False)
+        outdir.atomic_write_with(self.out / "points" / f"{p.id}.csv.gz",
+                                 lambda tmp: points.drop(columns=["finite"]).to_csv(tmp, index=False, compression="gzip"))
         comparison = compare.summarize(points, forced, ref, free, self.tol)
         if truth is not None:  # which side is further from the truth: "different" vs "worse"
             comparison["truth"] = compare.compare_truth(forced, ref, truth, self.tol)
@@ -498,33 +529,93 @@ class Run:
             "mos": mos_result,
             **audio_timing,
         }
+        result[digest.KEY] = digest.seal(result, self.out, self.recipe_digest or "")
         write_json(self.out / "results" / f"{p.id}.json", result)
 
     def write_summary(self, prompts: list[Prompt], meta: dict, failure: BaseException | None = None) -> dict:
         """Assemble summary.json (+ junit.xml, report.html) from the per-prompt results on disk.
-        Prompts without a complete result are listed with status ``not_run``."""
+        Prompts without a complete result are listed with status ``not_run``.
+
+        Never raises: a failure while writing junit.xml or report.html (a full disk, a signal) is
+        recorded in the summary and kept in ``self.output_failure``. summary.json is written last,
+        with signals held off, and says ``passed`` only when every output it lists exists."""
         from parity.report import html, junit
 
+        self.output_failure: BaseException | None = None
         results = []
         for p in prompts:
-            result = self._read_result(p)
+            try:
+                result = self._read_result(p)
+            except BadInput as e:
+                result, self.output_failure = None, self.output_failure or e
             results.append(result or {"id": p.id, "text": p.text, "line": p.line, "status": "not_run", "gates": [], "passed": False})
         ran = [r for r in results if r["status"] == "ok"]
-        if isinstance(failure, KeyboardInterrupt):
-            failure_text = f"interrupted by {getattr(failure, 'signal_name', 'SIGINT')}"
-        else:
-            failure_text = None if failure is None else _one_line(failure)
         summary = {
             **meta,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "failure": failure_text,
+            "failure": _failure_text(failure),
             "prompts": results,
-            "counts": {"prompts": len(results), "ran": len(ran), "passed": sum(r["passed"] for r in ran),
+            "counts": {"prompts": len(results), "ran": len(ran), "passed": sum(bool(r.get("passed")) for r in ran),
                        "not_run": len(results) - len(ran)},
-            "passed": failure is None and len(ran) == len(results) and all(r["passed"] for r in ran),
+            "passed": failure is None and len(ran) == len(results) and all(r.get("passed") is True for r in ran),
             "peak_memory": getattr(self, "peak", {}),
+            "outputs": list(OUTPUTS),
         }
-        write_json(self.out / "summary.json", summary)
-        junit.write(summary, self.out / "junit.xml")
-        html.write(summary, self.out, self.out / "report.html")
+        for name in OUTPUTS[1:]:  # an old report must not stand in for this run's
+            try:
+                (self.out / name).unlink(missing_ok=True)
+            except OSError:
+                pass
+
+        def report() -> None:
+            faults.point("report")
+            html.write(summary, self.out, self.out / "report.html")
+
+        for name, write in (("junit.xml", lambda: junit.write(summary, self.out / "junit.xml")), ("report.html", report)):
+            try:
+                write()
+            except (Exception, KeyboardInterrupt) as e:
+                self.output_failure = self.output_failure or e
+                if summary["failure"] is None:
+                    summary["failure"] = f"writing {name} failed: {_failure_text(e)}"
+        missing = [name for name in OUTPUTS[1:] if not (self.out / name).is_file()]
+        if missing or self.output_failure is not None:
+            summary["passed"] = False
+            summary["missing_outputs"] = missing
+        try:
+            with _signals_held():
+                write_json(self.out / "summary.json", summary)
+        except (Exception, KeyboardInterrupt) as e:
+            self.output_failure = self.output_failure or e
         return summary
+
+
+OUTPUTS = ("summary.json", "junit.xml", "report.html")
+
+
+def _failure_text(failure: BaseException | None) -> str | None:
+    if failure is None:
+        return None
+    if isinstance(failure, KeyboardInterrupt):
+        return f"interrupted by {getattr(failure, 'signal_name', 'SIGINT')}"
+    return _one_line(failure)
+
+
+class _signals_held:
+    """Hold SIGINT/SIGTERM off for a short critical write (delivered right after); a no-op off the
+    main thread or where the platform lacks it."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self._mask = None
+        if hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread():
+            self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)

@@ -15,7 +15,6 @@ Tensors are saved with safetensors (never pickle); the rest goes into a small JS
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,13 +81,11 @@ class Trace:
             if k in FLOAT_FIELDS:
                 t = torch.zeros(0) if tokens_only else _narrow(t, storage)
             tensors[k] = t.contiguous()
-        tmp = directory / f".{name}.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, directory / f"{name}.safetensors")
+        from parity.outdir import atomic_write_text, atomic_write_with
+
+        atomic_write_with(directory / f"{name}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
         meta = {**self.meta, "stored": "tokens" if tokens_only else "full"}
-        tmp_json = directory / f".{name}.json.tmp"
-        tmp_json.write_text(json.dumps(meta, indent=1, default=str))
-        os.replace(tmp_json, directory / f"{name}.json")
+        atomic_write_text(directory / f"{name}.json", json.dumps(meta, indent=1, default=str))
 
     @classmethod
     def load(cls, directory: str | Path, name: str) -> "Trace":
