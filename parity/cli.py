@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import sys
@@ -25,6 +26,7 @@ RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recip
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, checkpoint directory, random:tiny or random:0.6b.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: runs/<recipe>-<time>).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: section.key=value (repeatable).")]
+FormatOpt = Annotated[Optional[str], typer.Option("--format", help="Prompt file format: text or jsonl (default: by extension, .jsonl is JSONL).")]
 
 
 def _recipe(recipe_path, model, sets, max_frames=None, device=None, mos=None, utmos_checkpoint=None):
@@ -76,7 +78,8 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty --out.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
     mos: Annotated[Optional[str], typer.Option("--mos", help="Scorers for both sides' audio: dnsmos, utmos, dnsmos,utmos or none.")] = None,
-    utmos_checkpoint: Annotated[Optional[str], typer.Option("--utmos-checkpoint", help="Local UTMOS22-strong checkpoint (file or SpeechMOS clone).")] = None,
+    utmos_checkpoint: Annotated[Optional[str], typer.Option("--utmos-checkpoint", help="Local UTMOS22-strong state dict (tensors only).")] = None,
+    prompt_format: FormatOpt = None,
 ) -> None:
     """Run reference and candidate on every prompt and report where they first diverge."""
     import signal
@@ -95,13 +98,13 @@ def run(
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal() works only there
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
-        _run(prompts, rec, out, force, resume)
+        _run(prompts, rec, out, force, resume, prompt_format)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _run(prompts: Path, rec, out: Path, force: bool, resume: bool) -> None:
+def _run(prompts: Path, rec, out: Path, force: bool, resume: bool, prompt_format: str | None = None) -> None:
     from parity.report.console import print_summary
     from parity.run import Run
 
@@ -115,8 +118,10 @@ def _run(prompts: Path, rec, out: Path, force: bool, resume: bool) -> None:
             bar.update(tasks[phase], completed=done)
             bar.refresh()
 
+        runner = Run(prompts, rec, out, command, progress)
+        runner.prompt_format = prompt_format
         try:
-            summary = Run(prompts, rec, out, command, progress).execute(force=force, resume=resume)
+            summary = runner.execute(force=force, resume=resume)
         except KeyboardInterrupt as e:  # typer would swallow it into a bare exit 130
             raise _Stopped(e) from None
     print_summary(summary, console)
@@ -158,36 +163,29 @@ def bisect(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written by parity run.")]) -> None:
     """Re-render report.html (and junit.xml) from a saved run."""
-    import json
-
     from parity.errors import BadInput
     from parity.report import html, junit
+    from parity.readback import FIX, read_summary
 
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise BadInput(f"'{run_dir}' has no summary.json; pass a directory written by parity run")
+    summary = read_summary(run_dir)
     try:
-        summary = json.loads(summary_path.read_text())
-    except json.JSONDecodeError as e:
-        raise BadInput(f"'{summary_path}' is not valid JSON (line {e.lineno}); re-run parity run") from None
-    _check_summary(summary, summary_path)
-    junit.write(summary, run_dir / "junit.xml")
-    html.write(summary, run_dir, run_dir / "report.html")
+        junit.write(summary, run_dir / "junit.xml")
+        html.write(summary, run_dir, run_dir / "report.html")
+    except BadInput:
+        raise
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # content the checks above let through but the renderer cannot use
+        raise BadInput(f"'{run_dir}' holds data the report cannot use ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())[:120]}); {FIX}") from None
     console.print(f"wrote {run_dir}/report.html")
 
 
 def _check_summary(summary, path: Path) -> None:
-    """A summary.json is read back from disk: its prompt ids name files under the run directory,
-    so they must be ids parity itself could have written (no path separators, no '..')."""
-    from parity.errors import BadInput
-    from parity.prompts import _ID_RE
+    """A summary.json read back from disk (see parity.readback)."""
+    from parity.readback import check_summary
 
-    prompts = summary.get("prompts") if isinstance(summary, dict) else None
-    if not isinstance(prompts, list) or not all(isinstance(p, dict) for p in prompts):
-        raise BadInput(f"'{path}' is not a parity summary (no prompt list); re-run parity run")
-    for p in prompts:
-        if not isinstance(p.get("id"), str) or not _ID_RE.fullmatch(p["id"]):
-            raise BadInput(f"'{path}': prompt id {p.get('id')!r} is not a valid id (A-Z a-z 0-9 . _ -); re-run parity run")
+    check_summary(summary, path)
 
 
 @app.command()
@@ -216,6 +214,51 @@ def env() -> None:
 
 def main() -> None:
     """Entry point: known errors become one line on stderr and their exit code."""
+    _tolerant_streams()
+    try:
+        _main()
+    except SystemExit:
+        _flush_stdout()
+        raise
+    except OSError as e:  # a write to stdout failed inside a command (rich flushes as it prints)
+        # Writes into files are mapped to their own errors earlier; a stream write has no filename.
+        if e.filename is None and e.errno in (errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EDQUOT, errno.EBADF):
+            _stdout_broken(e)
+        raise
+    _flush_stdout()
+
+
+def _tolerant_streams() -> None:
+    """A terminal or pipe that cannot encode a character (PYTHONIOENCODING=ascii) gets a
+    replacement character instead of a UnicodeEncodeError traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="replace")
+        except (AttributeError, ValueError, OSError):
+            pass
+
+
+def _flush_stdout() -> None:
+    """Flush stdout now; if it cannot be written (``> /dev/full``, a closed pipe) say so in one line
+    and exit 2 instead of Python's multi-line "Exception ignored" at shutdown."""
+    try:
+        sys.stdout.flush()
+    except OSError as e:
+        _stdout_broken(e)
+
+
+def _stdout_broken(e: OSError) -> None:
+    """One line on stderr and exit 2 for an unwritable stdout."""
+    try:  # nothing more may go to the broken stream, not even at interpreter exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    err_console.print(f"parity: error: cannot write to standard output ({e.strerror or e}); "
+                      "redirect it to a writable file", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
+def _main() -> None:
     from parity.errors import ParityError
 
     try:

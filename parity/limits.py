@@ -148,4 +148,7 @@ def _short(value: Any) -> str:
 
 def finite_number(value: Any) -> bool:
     """A JSON number that is a real, finite value (bool excluded)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+    except OverflowError:  # an integer too large for a float
+        return False

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from parity import compare, digest, faults, gates as gates_mod, limits, outdir, scoring
+from parity import compare, digest, faults, gates as gates_mod, limits, outdir, readback, scoring
 from parity.engines.base import Engine, make_engine
 from parity.env import fingerprint
 from parity.errors import BadInput, EngineFailure
@@ -329,10 +329,15 @@ class Run:
         except (Exception, KeyboardInterrupt) as e:  # keep what finished, mark the rest, then report
             failure = e
         summary = self.write_summary(prompts, meta, failure)
-        failure = failure or getattr(self, "output_failure", None)
+        writing = failure is None and self.output_failure is not None
+        failure = failure or self.output_failure
         if isinstance(failure, (BadInput, KeyboardInterrupt)):
             raise failure
         saved = f"{summary['counts']['ran']} of {len(prompts)} prompts finished and are saved in {self.out}"
+        if writing and not outdir.is_no_space(failure) and not isinstance(failure, outdir.OutOfSpace):
+            missing = ", ".join(summary.get("missing_outputs") or []) or "an output"
+            raise EngineFailure(f"writing {missing} failed: {_one_line(failure)}; {saved}; `parity report {self.out}` "
+                                "writes the report again")
         if isinstance(failure, outdir.OutOfSpace) or outdir.is_no_space(failure):
             raise outdir.OutOfSpace(f"disk full or not writable: {_one_line(failure)}; {saved}; free some space and "
                                     "rerun with --resume") from None
@@ -365,6 +370,7 @@ class Run:
         ok = isinstance(result, dict) and result.get("id") == p.id and result.get("status") == "ok"
         if not ok:
             return None
+        readback.check_result(result, f"'{path}'")
         recipe_id = self.recipe_digest
         if recipe_id is not None and not digest.verify(result, self.out, recipe_id):
             raise BadInput(f"'{path}' does not match its traces and recipe (its digest differs: edited by hand or from "
