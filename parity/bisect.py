@@ -420,7 +420,12 @@ def bisect(prompts_path: Path, recipe: Recipe, factors: list[str] | None, steps:
     try:
         result = _bisect(prompts, recipe, chosen, held, steps, progress)
         if out is not None:
+            from parity.outdir import write_marker
+
+            existed = (Path(out) / "bisect.json").exists()
             write_json(Path(out) / "bisect.json", {"bisect": result})
+            if not existed:
+                write_marker(Path(out), ["bisect.json"])  # --force may delete what parity wrote
     finally:
         if lock is not None:
             lock.release()

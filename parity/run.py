@@ -89,7 +89,11 @@ def check_out_dir(out: Path, force: bool, resume: bool) -> dict | None:
         if not run_json.is_file():
             raise BadInput(f"--out '{out}' has no run.json, so it is not a parity run to resume; pass the directory of an "
                            "interrupted run, or --force to start over")
-        previous = limits.read_json(run_json, "run.json", fix="pass --force to start over")
+        try:
+            previous = limits.read_json(run_json, "run.json")
+        except BadInput as e:
+            reason = str(e).split(";")[0].replace(f"run.json '{run_json}' ", "")
+            raise BadInput(f"'{run_json}' is unreadable ({reason}), so the run cannot be resumed; pass --force to start over") from None
         if not isinstance(previous, dict):
             raise BadInput(f"'{run_json}' is unreadable (not a JSON object), so the run cannot be resumed; pass --force to start over")
         return previous

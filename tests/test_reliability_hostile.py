@@ -279,7 +279,13 @@ def test_second_run_into_a_running_one_is_refused(sandbox, tiny_dir):
                              stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     try:
         deadline = time.time() + 300
-        while not (sandbox / "out" / "traces" / "p001.reference.safetensors").exists():
+        def hanging() -> bool:  # the candidate has loaded (run.json says so) and hangs on prompt 0
+            try:
+                return "candidate" in json.loads((sandbox / "out" / "run.json").read_text())["sides"]
+            except (OSError, ValueError, KeyError):
+                return False
+
+        while not hanging():
             assert first.poll() is None and time.time() < deadline, first.communicate()
             time.sleep(0.2)
         inside = fingerprint(sandbox / "out", None)
