@@ -90,7 +90,9 @@ class Trace:
     @classmethod
     def load(cls, directory: str | Path, name: str) -> "Trace":
         """Read a trace written by :meth:`save`."""
+        from parity import limits
+
         directory = Path(directory)
         tensors = load_file(str(directory / f"{name}.safetensors"))
-        meta = json.loads((directory / f"{name}.json").read_text())
+        meta = limits.read_json(directory / f"{name}.json", "trace metadata")
         return cls(**{k: tensors[k].float() if k in FLOAT_FIELDS else tensors[k] for k in TENSOR_FIELDS}, meta=meta)
