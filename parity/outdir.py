@@ -251,12 +251,12 @@ def force_plan(out: Path) -> list[Path]:
     """What ``--force`` would delete in ``out``: the marker's entries that exist, our temporaries
     and the marker itself. BadInput when ``out`` is non-empty and has no marker."""
     out = Path(out)
-    entries = sorted(os.listdir(out))
+    entries = sorted(e for e in os.listdir(out) if e != LOCK_NAME)  # the lock is the caller's own
     if not entries:
         return []
     marked = read_marker(out)
     if marked is None:
-        shown = next((e for e in entries if e not in (LOCK_NAME,)), entries[0])
+        shown = entries[0]
         raise BadInput(f"--force refuses to delete '{out}': it has no parity run marker ({MARKER_NAME}), so it is not "
                        f"known to be a parity run (it holds '{shown}'); pass a new or empty directory")
     doomed = [out / e for e in entries if e in marked or is_temporary(e)]

@@ -81,7 +81,7 @@ def check_result(r: Any, where: str) -> None:
     """One prompt's entry (in summary.json or results/<id>.json)."""
     _need(isinstance(r, dict), where, "must be an object")
     _need(isinstance(r.get("id"), str) and bool(_ID_RE.fullmatch(r["id"])), f"{where}.id",
-          f"{str(r.get('id'))[:40]!r} is not a valid prompt id (A-Z a-z 0-9 . _ -)")
+          f"prompt id {str(r.get('id'))[:40]!r} is not a valid id (A-Z a-z 0-9 . _ -)")
     _need(isinstance(r.get("status"), str), f"{where}.status", "must be a string")
     _opt(r, "text", (str,), where, "a string")
     _opt(r, "line", (int,), where, "an integer")
