@@ -84,6 +84,10 @@ def check_stack(versions: dict[str, str | None] | None = None) -> list[StackProb
 
     torch_v, audio_v = have.get("torch"), have.get("torchaudio")
     pair = f"pip install torch=={pins['torch']} torchaudio=={pins['torchaudio']}"
+    if _release(pins["torch"]) != _release(pins["torchaudio"]) and torch_v is not None:
+        # The pins themselves disagree (an edited pyproject): match torchaudio to the torch in place.
+        base = ".".join(map(str, _release(torch_v) or ()))
+        pair = f"pip install torchaudio=={base}"
     if torch_v is None:
         problems.append(StackProblem("torch", None, f"torch {pins['torch']}", pair))
     elif audio_v is None:

@@ -108,6 +108,15 @@ def test_check_names_versions_and_fix(change, package, fix):
     assert package in line and fix in line and "\n" not in line
 
 
+def test_fix_matches_torch_when_the_pins_disagree(monkeypatch):
+    """A pyproject edited to a pair that never worked must not be repeated back as the fix."""
+    from parity import stackcheck
+
+    monkeypatch.setattr(stackcheck, "pinned_versions", lambda: {**stackcheck.FALLBACK_PINS, "torchaudio": "2.11.1"})
+    (problem,) = stackcheck.check_stack({**GOOD, "torchaudio": "2.11.1"})
+    assert problem.fix == "pip install torchaudio==2.11.0"
+
+
 @pytest.mark.parametrize("ok", [
     {"torch": "2.11.0+cu128", "torchaudio": "2.11.0+cu128"},  # local build tags are the same release
     {"transformers": "5.15.1"},
