@@ -379,12 +379,8 @@ def bisect(prompts_path: Path, recipe: Recipe, factors: list[str] | None, steps:
            progress: Callable[[str], None] | None = None) -> dict:
     """Run ``parity bisect``; returns the result (also written to ``out/bisect.json`` under the
     key ``bisect``)."""
-    from parity.models import resolve_model
     from parity.prompts import load_prompts
     from parity.run import write_json
-
-    from parity.engines.lifecycle import EngineHost, engine_failure
-    from parity.errors import ParityError
 
     if steps < 1:
         raise BadInput(f"--steps must be at least 1, got {steps}")
@@ -393,6 +389,40 @@ def bisect(prompts_path: Path, recipe: Recipe, factors: list[str] | None, steps:
 
     check_prompts(prompts, None, prompts_path)
     chosen, held = find_factors(recipe.reference, recipe.candidate, factors)
+    lock = _lock_out(Path(out)) if out is not None else None  # refused here, not after the whole search
+    try:
+        result = _bisect(prompts, Path(prompts_path), recipe, chosen, held, steps, progress)
+        if out is not None:
+            from parity.outdir import write_marker
+
+            existed = (Path(out) / "bisect.json").exists()
+            write_json(Path(out) / "bisect.json", {"bisect": result})
+            if not existed:
+                write_marker(Path(out), ["bisect.json"])  # --force may delete what parity wrote
+    finally:
+        if lock is not None:
+            lock.release()
+    return result
+
+
+def _lock_out(out: Path):
+    """Check --out before any work (a file, or a directory another run holds, is refused at once)
+    and lock it for this bisect."""
+    from parity import outdir
+    from parity.run import make_out_dir
+
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out '{out}' exists and is not a directory; choose another path")
+    outdir.check_not_locked(out)
+    make_out_dir(out)
+    return outdir.RunLock(out, "parity bisect").acquire()
+
+
+def _bisect(prompts, prompts_path: Path, recipe: Recipe, chosen, held, steps: int, progress) -> dict:
+    from parity.engines.lifecycle import EngineHost, engine_failure
+    from parity.errors import ParityError
+    from parity.models import resolve_model
+
     result: dict[str, Any] = {
         "prompts": [p.id for p in prompts], "steps": steps, "tolerance": recipe.tolerance(),
         "reference": asdict(recipe.reference), "candidate": asdict(recipe.candidate),
@@ -422,13 +452,6 @@ def bisect(prompts_path: Path, recipe: Recipe, factors: list[str] | None, steps:
             runner.close()
         result["counts"].update(reference_runs=1, loads=runner.loads, seconds=time.perf_counter() - t0)
         result["peak_memory"] = host.peak
-    if out is not None:
-        out = Path(out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise BadInput(f"--out '{out}' cannot be created ({e.strerror}); choose a writable directory") from None
-        write_json(out / "bisect.json", {"bisect": result})
     return result
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import sys
@@ -25,6 +26,7 @@ RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recip
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, checkpoint directory, or a built-in: random:tiny, random:0.6b, random:tiny-base, random:0.6b-base, random:tiny-design.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: runs/<recipe>-<time>).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: section.key=value (repeatable).")]
+FormatOpt = Annotated[Optional[str], typer.Option("--format", help="Prompt file format: text or jsonl (default: by extension, .jsonl is JSONL).")]
 
 
 def _recipe(recipe_path, model, sets, max_frames=None, device=None, mos=None, utmos_checkpoint=None):
@@ -78,6 +80,7 @@ def run(
     mos: Annotated[Optional[str], typer.Option("--mos", help="Scorers for both sides' audio: dnsmos, utmos, dnsmos,utmos or none.")] = None,
     utmos_checkpoint: Annotated[Optional[str], typer.Option("--utmos-checkpoint", help="Local UTMOS22-strong checkpoint (file or SpeechMOS clone).")] = None,
     refresh_reference: Annotated[bool, typer.Option("--refresh-reference", help="Run the reference again instead of reusing its cached traces (and re-cache them).")] = False,
+    prompt_format: FormatOpt = None,
 ) -> None:
     """Run reference and candidate on every prompt and report where they first diverge."""
     import signal
@@ -96,13 +99,14 @@ def run(
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal() works only there
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
-        _run(prompts, rec, out, force, resume, refresh_reference)
+        _run(prompts, rec, out, force, resume, refresh_reference, prompt_format)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _run(prompts: Path, rec, out: Path, force: bool, resume: bool, refresh_reference: bool = False) -> None:
+def _run(prompts: Path, rec, out: Path, force: bool, resume: bool, refresh_reference: bool = False,
+         prompt_format: str | None = None) -> None:
     from parity.report.console import print_summary
     from parity.run import Run
 
@@ -116,10 +120,11 @@ def _run(prompts: Path, rec, out: Path, force: bool, resume: bool, refresh_refer
             bar.update(tasks[phase], completed=done)
             bar.refresh()
 
+        runner = Run(prompts, rec, out, command, progress, refresh_reference)
+        runner.prompt_format = prompt_format
+        runner.freeze_heap = True  # this process runs one command
         try:
-            run = Run(prompts, rec, out, command, progress, refresh_reference)
-            run.freeze_heap = True  # this process runs one command
-            summary = run.execute(force=force, resume=resume)
+            summary = runner.execute(force=force, resume=resume)
         except KeyboardInterrupt as e:  # typer would swallow it into a bare exit 130
             raise _Stopped(e) from None
     print_summary(summary, console)
@@ -173,12 +178,22 @@ def bisect(
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written by parity run.")]) -> None:
     """Re-render report.html (and junit.xml) from a saved run."""
+    from parity.errors import BadInput
     from parity.reanalysis import read_summary
     from parity.report import html, junit
+    from parity.readback import FIX
 
     summary = read_summary(run_dir)
-    junit.write(summary, run_dir / "junit.xml")
-    html.write(summary, run_dir, run_dir / "report.html")
+    try:
+        junit.write(summary, run_dir / "junit.xml")
+        html.write(summary, run_dir, run_dir / "report.html")
+    except BadInput:
+        raise
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # content the checks above let through but the renderer cannot use
+        raise BadInput(f"'{run_dir}' holds data the report cannot use ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())[:120]}); {FIX}") from None
     console.print(f"wrote {run_dir}/report.html")
 
 
@@ -268,6 +283,14 @@ def cache_prune(
                   f"in {cache_dir()}", markup=False, highlight=False)
 
 
+
+def _check_summary(summary, path: Path) -> None:
+    """A summary.json read back from disk (see parity.readback)."""
+    from parity.readback import check_summary
+
+    check_summary(summary, path)
+
+
 @app.command()
 def env() -> None:
     """Print the install self-check and the environment fingerprint that reports carry."""
@@ -294,6 +317,51 @@ def env() -> None:
 
 def main() -> None:
     """Entry point: known errors become one line on stderr and their exit code."""
+    _tolerant_streams()
+    try:
+        _main()
+    except SystemExit:
+        _flush_stdout()
+        raise
+    except OSError as e:  # a write to stdout failed inside a command (rich flushes as it prints)
+        # Writes into files are mapped to their own errors earlier; a stream write has no filename.
+        if e.filename is None and e.errno in (errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EDQUOT, errno.EBADF):
+            _stdout_broken(e)
+        raise
+    _flush_stdout()
+
+
+def _tolerant_streams() -> None:
+    """A terminal or pipe that cannot encode a character (PYTHONIOENCODING=ascii) gets a
+    replacement character instead of a UnicodeEncodeError traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="replace")
+        except (AttributeError, ValueError, OSError):
+            pass
+
+
+def _flush_stdout() -> None:
+    """Flush stdout now; if it cannot be written (``> /dev/full``, a closed pipe) say so in one line
+    and exit 2 instead of Python's multi-line "Exception ignored" at shutdown."""
+    try:
+        sys.stdout.flush()
+    except OSError as e:
+        _stdout_broken(e)
+
+
+def _stdout_broken(e: OSError) -> None:
+    """One line on stderr and exit 2 for an unwritable stdout."""
+    try:  # nothing more may go to the broken stream, not even at interpreter exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    err_console.print(f"parity: error: cannot write to standard output ({e.strerror or e}); "
+                      "redirect it to a writable file", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
+def _main() -> None:
     from parity.errors import ParityError
 
     try:

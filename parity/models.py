@@ -133,10 +133,13 @@ def resolve_model(source: str, seed: int = 0) -> Path | str:
 
 def ensure_builtin(name: str, seed: int = 0) -> Path:
     """Return the cached directory of built-in ``name``, building it atomically if absent."""
-    target = cache_root() / f"random-{name}-seed{seed}-v{CHECKPOINT_FORMAT}"
-    if all((target / f).is_file() for f in REQUIRED_FILES):
+    root = cache_root()
+    target = root / f"random-{name}-seed{seed}-v{CHECKPOINT_FORMAT}"
+    if builtin_intact(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _check_cache_dir(root)
+    if target.exists():  # a damaged built-in (ours, in our cache): rebuilt, never "re-download"
+        shutil.rmtree(target, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         build_random_checkpoint(BUILTINS[name], tmp, seed)
@@ -150,6 +153,48 @@ def ensure_builtin(name: str, seed: int = 0) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def builtin_intact(target: Path) -> bool:
+    """A built-in in the cache is usable: every required file, parseable configs and readable
+    safetensors headers (a truncated or edited file makes it be rebuilt)."""
+    try:
+        if not all((target / f).is_file() for f in REQUIRED_FILES):
+            return False
+        for f in REQUIRED_FILES:
+            if not isinstance(json.loads((target / f).read_text(encoding="utf-8")), dict):
+                return False
+        from safetensors import safe_open
+
+        weights = sorted(target.glob("*.safetensors")) + sorted((target / "speech_tokenizer").glob("*.safetensors"))
+        if len(weights) < 2:
+            return False
+        for w in weights:
+            with safe_open(str(w), "pt") as f:
+                keys = list(f.keys())
+                if not keys:
+                    return False
+                f.get_slice(keys[-1]).get_shape()
+            header_end = 8 + int.from_bytes(w.open("rb").read(8), "little")
+            if w.stat().st_size < header_end:
+                return False
+        return True
+    except Exception:  # unreadable in any way: not intact
+        return False
+
+
+def _check_cache_dir(root: Path) -> None:
+    """The cache directory must be a writable directory (or creatable): one line otherwise."""
+    where = "PARITY_CACHE" if os.environ.get("PARITY_CACHE") else "the cache directory"
+    try:
+        if root.exists() and not root.is_dir():
+            raise BadInput(f"{where} '{root}' is a file, not a directory; point PARITY_CACHE at a directory")
+        root.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=".write-test-", dir=root))
+        probe.rmdir()
+    except OSError as e:
+        raise BadInput(f"{where} '{root}' is not writable ({e.strerror or e}); point PARITY_CACHE at a writable "
+                       "directory") from None
 
 
 def _codec_ids(codebook: int, speakers: tuple[str, ...] = SPEAKERS) -> dict:

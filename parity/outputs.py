@@ -3,7 +3,6 @@ stage, shared by ``parity run``, ``parity compare`` and ``parity report``)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from parity import strictjson
@@ -11,10 +10,11 @@ from parity.results import Summary
 
 
 def write_json(path: Path, data) -> None:
-    """Write JSON atomically: a killed process never leaves a half-written file behind."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(strictjson.dumps(data, indent=1, ensure_ascii=False))  # never a bare NaN/Infinity
-    os.replace(tmp, path)
+    """Write strict JSON atomically: a killed process never leaves a half-written file behind, and
+    no bare NaN/Infinity is ever written."""
+    from parity.outdir import atomic_write_text
+
+    atomic_write_text(path, strictjson.dumps(data, indent=1, ensure_ascii=False))
 
 
 def write_outputs(summary: Summary, out: Path, run_dir: Path | None = None) -> None:

@@ -26,19 +26,11 @@ def read_summary(run_dir: Path) -> Summary:
     prompt ids name files under the run directory, so they must be ids parity could have written."""
     from parity.prompts import _ID_RE
 
+    from parity.readback import read_summary as read_checked
+
     path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        raise BadInput(f"'{run_dir}' has no summary.json; pass a directory written by parity run")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise BadInput(f"'{path}' is not valid JSON (line {e.lineno}); re-run parity run") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadInput(f"'{path}' cannot be read ({type(e).__name__}); re-run parity run") from None
-    prompts = data.get("prompts") if isinstance(data, dict) else None
-    if not isinstance(prompts, list) or not all(isinstance(p, dict) for p in prompts):
-        raise BadInput(f"'{path}' is not a parity summary (no prompt list); re-run parity run")
-    for p in prompts:
+    data = read_checked(run_dir)  # size, type, encoding and field checks (one line, exit 2)
+    for p in data["prompts"]:
         if not isinstance(p.get("id"), str) or not _ID_RE.fullmatch(p["id"]):
             raise BadInput(f"'{path}': prompt id {p.get('id')!r} is not a valid id (A-Z a-z 0-9 . _ -); re-run parity run")
     try:

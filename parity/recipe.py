@@ -220,14 +220,15 @@ def validate(recipe: Recipe, where: str) -> Recipe:
         raise BadInput(f"{where} [decoding]: seed must be between 0 and 2**63-1, got {d.seed}")
     if not 1 <= d.max_frames <= 100000:
         raise BadInput(f"{where} [decoding]: max_frames must be between 1 and 100000, got {d.max_frames}")
-    if d.temperature <= 0:
-        raise BadInput(f"{where} [decoding]: temperature must be > 0, got {d.temperature}")
+    if not MIN_TEMPERATURE <= d.temperature <= MAX_TEMPERATURE:  # 1e-30 divides logits into inf/NaN
+        raise BadInput(f"{where} [decoding]: temperature must be between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, "
+                       f"got {d.temperature}")
     if d.top_k < 0:
         raise BadInput(f"{where} [decoding]: top_k must be >= 0, got {d.top_k}")
     if not 0 < d.top_p <= 1:
         raise BadInput(f"{where} [decoding]: top_p must be in (0, 1], got {d.top_p}")
-    if d.repetition_penalty <= 0:
-        raise BadInput(f"{where} [decoding]: repetition_penalty must be > 0, got {d.repetition_penalty}")
+    if not 0 < d.repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise BadInput(f"{where} [decoding]: repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], got {d.repetition_penalty}")
     for dtype, tol in recipe.tolerances.items():
         if dtype not in DTYPES:
             raise BadInput(f"{where} [tolerances]: unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
@@ -299,19 +300,22 @@ def default_recipe() -> Recipe:
     )
 
 
+# Sampling settings beyond these only produce inf/NaN logits (an engine crash) or nothing useful.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+MAX_REPETITION_PENALTY = 100.0
+
+
 def load_recipe(path: str | Path | None) -> Recipe:
     """Load a recipe TOML (``None`` gives the built-in default, the smoke recipe's settings)."""
     if path is None:
         return validate(default_recipe(), "default recipe")
+    from parity import limits
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise BadInput(f"recipe '{path}' does not exist or is not a file; see recipes/ for examples")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise BadInput(f"recipe '{path}' is not UTF-8 text; re-save it as UTF-8") from None
-    except OSError as e:
-        raise BadInput(f"recipe '{path}' cannot be read ({e.strerror}); check its permissions") from None
+    # A pipe is fine (--recipe <(...)); a device or a huge file is not.
+    text = limits.read_text(path, "recipe", limits.RECIPE_LIMIT, allow_pipe=True)
     return parse_recipe_text(text, path)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,12 +31,13 @@ from parity import analysis, scoring
 from parity.analysis import first_nonfinite_point  # noqa: F401  (its old home)
 from parity.engines.base import Engine
 from parity.engines.lifecycle import EngineHost, one_line as _one_line
+from parity import digest, faults, limits, outdir, readback
 from parity.env import fingerprint
 from parity.errors import BadInput, EngineFailure
 from parity.models import resolve_model
 from parity.preflight import local_checkpoint
 from parity.prompts import Prompt, load_prompts
-from parity.outputs import write_json, write_outputs
+from parity.outputs import write_json
 from parity.recipe import Recipe
 from parity.results import PromptResult, Summary
 from parity.trace import Trace
@@ -63,19 +63,14 @@ def write_wav(path: Path, wav: np.ndarray, sr: int) -> None:
     report them first with :func:`first_nonfinite_sample`)."""
     import soundfile as sf
 
-    tmp = path.with_name(f".{path.name}.tmp.wav")
     wav = np.nan_to_num(np.asarray(wav, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
-    sf.write(str(tmp), np.clip(wav, -1, 1), sr, subtype="PCM_16")
-    os.replace(tmp, path)
-
-
-def _is_our_temp(name: str) -> bool:
-    return name.startswith(".") and (name.endswith(".tmp") or name.endswith(".tmp.wav") or name == ".write-test")
+    outdir.atomic_write_with(path, lambda tmp: sf.write(str(tmp), np.clip(wav, -1, 1), sr, subtype="PCM_16", format="WAV"))
 
 
 def check_out_dir(out: Path, force: bool, resume: bool) -> dict | None:
     """Decide whether --out may be used, without changing anything. Returns the run.json of the run
-    to resume (``--resume`` on a non-empty directory), else None."""
+    to resume (``--resume`` on a non-empty directory), else None. A directory another live parity
+    run holds is refused; ``--force`` is refused on a directory without parity's run marker."""
     if force and resume:
         raise BadInput("--force and --resume exclude each other: --force starts over, --resume continues; pass one")
     try:
@@ -84,6 +79,8 @@ def check_out_dir(out: Path, force: bool, resume: bool) -> dict | None:
         entries = sorted(os.listdir(out)) if out.is_dir() else []
     except OSError as e:
         raise BadInput(f"--out '{out}' cannot be read ({e.strerror}); choose another directory") from None
+    outdir.check_not_locked(out)
+    entries = [e for e in entries if e != outdir.LOCK_NAME]
     if not entries:
         return None
     run_json = out / "run.json"
@@ -92,31 +89,39 @@ def check_out_dir(out: Path, force: bool, resume: bool) -> dict | None:
             raise BadInput(f"--out '{out}' has no run.json, so it is not a parity run to resume; pass the directory of an "
                            "interrupted run, or --force to start over")
         try:
-            previous = json.loads(run_json.read_text(encoding="utf-8"))
-            assert isinstance(previous, dict)
-        except (OSError, ValueError, AssertionError):
-            raise BadInput(f"'{run_json}' is unreadable, so the run cannot be resumed; pass --force to start over") from None
+            previous = limits.read_json(run_json, "run.json")
+        except BadInput as e:
+            reason = str(e).split(";")[0].replace(f"run.json '{run_json}' ", "")
+            raise BadInput(f"'{run_json}' is unreadable ({reason}), so the run cannot be resumed; pass --force to start over") from None
+        if not isinstance(previous, dict):
+            raise BadInput(f"'{run_json}' is unreadable (not a JSON object), so the run cannot be resumed; pass --force to start over")
         return previous
     if not force:
         raise BadInput(f"--out '{out}' is not empty; pass --force to overwrite or --resume to continue it")
-    foreign = [e for e in entries if e not in RUN_ENTRIES and not _is_our_temp(e)]
-    if foreign and not run_json.is_file():
-        raise BadInput(f"--force refuses to delete '{out}': it is not a parity run directory (it holds '{foreign[0]}'); "
-                       "pass a new or empty directory")
+    outdir.force_plan(out)  # refuses a directory parity's marker does not claim
     return None
 
 
 def prepare_out_dir(out: Path, force: bool, resume: bool) -> None:
-    """Create --out (wiping an old run with --force, keeping it with --resume); refuse what is unsafe."""
+    """Create --out (with --force deleting exactly what an earlier run wrote, with --resume keeping
+    it) and record parity's entries in the run marker; refuse what is unsafe. Call with the lock held."""
     check_out_dir(out, force, resume)
     try:
-        if force and out.is_dir() and any(out.iterdir()):
-            shutil.rmtree(out)
+        if force and out.is_dir():
+            outdir.wipe(out)
+        outdir.write_marker(out, RUN_ENTRIES if resume else [e for e in RUN_ENTRIES if not (out / e).exists()])
         for sub in ("traces", "audio", "points", "results"):
             (out / sub).mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+    except OSError as e:
+        if outdir.is_no_space(e):
+            raise outdir.OutOfSpace(f"--out '{out}': no space left ({e.strerror}); free some disk space") from None
+        raise BadInput(f"--out '{out}' is not writable ({e.strerror}); choose a writable directory") from None
+
+
+def make_out_dir(out: Path) -> None:
+    """Create --out (and its parents) so it can be locked; BadInput when that is impossible."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BadInput(f"--out '{out}' is not writable ({e.strerror}); choose a writable directory") from None
 
@@ -226,6 +231,8 @@ class Run:
         self.refresh_reference = refresh_reference
         self.cache = None  # parity.refcache.ReferenceCache, when the reference can be cached
         self.freeze_heap = False  # the CLI sets it: see EngineHost
+        self.prompt_format: str | None = None  # "text" | "jsonl" | None (by extension)
+        self.recipe_digest: str | None = None  # set by execute; seals each result to its recipe and traces
 
     def execute(self, force: bool = False, resume: bool = False) -> Summary:
         """Run everything; returns the summary (also written to summary.json).
@@ -235,7 +242,8 @@ class Run:
         Ctrl-C. Mid-run, summary.json is written first in every case.
         """
         fault = parse_fault(os.environ.get(FAULT_ENV))
-        prompts = load_prompts(self.prompts_path)
+        faults.check()
+        prompts = load_prompts(self.prompts_path, fmt=self.prompt_format)
         from parity.refclip import check_prompts
 
         check_prompts(prompts, None, self.prompts_path)  # reference clips, before anything else (again with the model type in preflight)
@@ -248,8 +256,12 @@ class Run:
             "environment": fingerprint(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "sides": dict((previous or {}).get("sides") or {}),
         }
+        if not isinstance(meta["sides"], dict) or not all(isinstance(v, dict) for v in meta["sides"].values()):
+            meta["sides"] = {}
         if fault:
             meta["test_fault"] = os.environ[FAULT_ENV]
+        if os.environ.get(faults.ENV):
+            meta["test_fault_at"] = os.environ[faults.ENV]
         if previous is not None:
             check_resumable(previous, meta, self.out)
         self.host = EngineHost(self.recipe, model_dir, prompts, self.prompts_path, freeze_heap=self.freeze_heap)
@@ -257,15 +269,25 @@ class Run:
         # Scorers load before any engine, so a missing UTMOS checkpoint is refused up front.
         self.scorers = scoring.load_scorers(self.recipe.mos.scorers, self.recipe.mos.utmos_checkpoint)
         engines = {role: self.host.make(getattr(self.recipe, role), role) for role in ("reference", "candidate")}
+        self.recipe_digest = digest.recipe_digest(meta["recipe"], meta["prompts_digest"])
+        make_out_dir(self.out)
+        with outdir.RunLock(self.out, self.command):
+            return self._execute_locked(prompts, meta, engines, model_dir, fault, force, resume)
+
+    def _execute_locked(self, prompts: list[Prompt], meta: dict, engines: dict[str, Engine], model_dir, fault,
+                        force: bool, resume: bool) -> Summary:
+        """The part of a run that writes into --out (the lock is held). From here on every failure
+        ends the same way: summary.json with the finished prompts, then the failure's exit code."""
         prepare_out_dir(self.out, force, resume)
         todo = [p for p in prompts if not (resume and self._finished(p))]
         self.cache = self._reference_cache(model_dir, fault)
         meta["reference_cache"] = {"dir": str(self.cache.root)} if self.cache else {"off": self._cache_off_reason(model_dir, fault)}
         meta["cpu_threads"] = torch.get_num_threads()
-        write_json(self.out / "run.json", meta)
         self.peak = self.host.peak
         failure: BaseException | None = None
         try:
+            write_json(self.out / "run.json", meta)
+            faults.point("before_load")
             self._run_sides(todo, engines, meta, prompts, model_dir, fault)
         except (Exception, KeyboardInterrupt) as e:  # keep what finished, mark the rest, then report
             failure = e
@@ -273,11 +295,20 @@ class Run:
             meta["reference_cache"].update(self.cache.summary())
         meta["engine_load_s"] = dict(self.host.load_seconds)
         summary = self.write_summary(prompts, meta, failure)
+        writing = failure is None and self.output_failure is not None
+        failure = failure or self.output_failure
         if isinstance(failure, (BadInput, KeyboardInterrupt)):
             raise failure
+        saved = f"{summary.counts['ran']} of {len(prompts)} prompts finished and are saved in {self.out}"
+        if writing and not outdir.is_no_space(failure) and not isinstance(failure, outdir.OutOfSpace):
+            missing = ", ".join(summary.extra.get("missing_outputs") or []) or "an output"
+            raise EngineFailure(f"writing {missing} failed: {_one_line(failure)}; {saved}; `parity report {self.out}` "
+                                "writes the report again")
+        if isinstance(failure, outdir.OutOfSpace) or outdir.is_no_space(failure):
+            raise outdir.OutOfSpace(f"disk full or not writable: {_one_line(failure)}; {saved}; free some space and "
+                                    "rerun with --resume") from None
         if failure is not None:
-            raise EngineFailure(f"engine failed: {_one_line(failure)}; {summary.counts['ran']} of "
-                                f"{len(prompts)} prompts finished and are saved in {self.out}; rerun with --resume") from failure
+            raise EngineFailure(f"engine failed: {_one_line(failure)}; {saved}; rerun with --resume") from failure
         return summary
 
     def _cache_off_reason(self, model_dir, fault) -> str:
@@ -309,13 +340,23 @@ class Run:
         return self._read_result(p) is not None and all((self.out / f).is_file() for f in files)
 
     def _read_result(self, p: Prompt) -> dict | None:
-        """results/<id>.json if it is a complete result of this prompt, else None."""
+        """results/<id>.json if it is a complete result of this prompt, else None. A result whose
+        digest does not match its traces and this run's recipe is refused (BadInput): it was
+        edited or does not belong here."""
+        path = self.out / "results" / f"{p.id}.json"
         try:
-            result = json.loads((self.out / "results" / f"{p.id}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            result = limits.read_json(path, "result")
+        except BadInput:  # missing, truncated or unreadable: the prompt runs again
             return None
         ok = isinstance(result, dict) and result.get("id") == p.id and result.get("status") == "ok"
-        return result if ok else None
+        if not ok:
+            return None
+        readback.check_result(result, f"'{path}'")
+        recipe_id = self.recipe_digest
+        if recipe_id is not None and not digest.verify(result, self.out, recipe_id):
+            raise BadInput(f"'{path}' does not match its traces and recipe (its digest differs: edited by hand or from "
+                           f"another run); delete it to recompute that prompt, or pass --force to start over")
+        return result
 
     def _reference_side(self, prompts: list[Prompt], engine: Engine, meta: dict, all_prompts: list[Prompt], fault,
                         index: dict[str, int]) -> tuple[dict[str, Trace], dict[str, list], Exception | None]:
@@ -358,6 +399,7 @@ class Run:
                     write_wav(self.out / "audio" / f"{p.id}.reference.seed{k}.wav", wav, sr)
                 ref_traces[p.id], ref_audio[p.id] = trace, clips
                 self.progress("reference", i + 1, len(prompts))
+                faults.point("between")
         finally:
             if loaded is not None:
                 self._release(loaded, "reference")
@@ -458,6 +500,7 @@ class Run:
     def _load(self, engine: Engine, role: str, fault, index: dict[str, int]) -> Engine:
         """Load one side through the shared lifecycle (exit 2 for a checkpoint that does not
         load, 3 for OOM); wrap it in the test hook's fault injector when PARITY_FAULT names it."""
+        faults.point("load")
         engine = self.host.load(engine, role)
         if fault and fault[0] == role:
             return FaultInjector(engine, index, fault[1], fault[2])  # type: ignore[return-value]
@@ -507,21 +550,84 @@ class Run:
 
     def write_summary(self, prompts: list[Prompt], meta: dict, failure: BaseException | None = None) -> Summary:
         """Assemble summary.json (+ junit.xml, report.html) from the per-prompt results on disk.
-        Prompts without a complete result are listed with status ``not_run``."""
-        if isinstance(failure, KeyboardInterrupt):
-            failure_text = f"interrupted by {getattr(failure, 'signal_name', 'SIGINT')}"
-        else:
-            failure_text = None if failure is None else _one_line(failure)
+        Prompts without a complete result are listed with status ``not_run``.
+
+        Never raises: a failure while writing junit.xml or report.html (a full disk, a signal) is
+        recorded in the summary and kept in ``self.output_failure``. summary.json is written last,
+        with signals held off, and says ``passed`` only when every output it lists exists."""
+        from parity.report import html, junit
+
+        self.output_failure: BaseException | None = None
         results = []
         for p in prompts:
-            result = self._read_result(p)
+            try:
+                result = self._read_result(p)
+            except BadInput as e:
+                result, self.output_failure = None, self.output_failure or e
             results.append(PromptResult.from_json(result) if result else PromptResult(p.id, p.text, p.line, "not_run", False))
-        summary = analysis.summarize(results, {**meta, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, failure_text,
-                                     getattr(self, "peak", {}))
+        summary = analysis.summarize(results, {**meta, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                                     _failure_text(failure), getattr(self, "peak", {}))
         from parity.batching import summarize_rows
 
         batch = summarize_rows([r.to_json() for r in results])
         if batch is not None:
             summary.extra["batch"] = batch
-        write_outputs(summary, self.out)
+        summary.extra["outputs"] = list(OUTPUTS)
+        for name in OUTPUTS[1:]:  # an old report must not stand in for this run's
+            try:
+                (self.out / name).unlink(missing_ok=True)
+            except OSError:
+                pass
+
+        def report() -> None:
+            faults.point("report")
+            html.write(summary, self.out, self.out / "report.html")
+
+        for name, write in (("junit.xml", lambda: junit.write(summary, self.out / "junit.xml")), ("report.html", report)):
+            try:
+                write()
+            except (Exception, KeyboardInterrupt) as e:
+                self.output_failure = self.output_failure or e
+                if summary.failure is None:
+                    summary.failure = f"writing {name} failed: {_failure_text(e)}"
+        missing = [name for name in OUTPUTS[1:] if not (self.out / name).is_file()]
+        if missing or self.output_failure is not None:
+            summary.passed = False
+            summary.extra["missing_outputs"] = missing
+        try:
+            with _signals_held():
+                write_json(self.out / "summary.json", summary.to_json())
+        except (Exception, KeyboardInterrupt) as e:
+            self.output_failure = self.output_failure or e
         return summary
+
+
+OUTPUTS = ("summary.json", "junit.xml", "report.html")
+
+
+def _failure_text(failure: BaseException | None) -> str | None:
+    if failure is None:
+        return None
+    if isinstance(failure, KeyboardInterrupt):
+        return f"interrupted by {getattr(failure, 'signal_name', 'SIGINT')}"
+    return _one_line(failure)
+
+
+class _signals_held:
+    """Hold SIGINT/SIGTERM off for a short critical write (delivered right after); a no-op off the
+    main thread or where the platform lacks it."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self._mask = None
+        if hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread():
+            self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)

@@ -17,7 +17,6 @@ Tensors are saved with safetensors (never pickle); the rest goes into a small JS
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -110,19 +109,19 @@ class Trace:
             tensors[k] = t.contiguous()
         for k in CLIP_FIELDS:
             tensors[k] = getattr(self, k).contiguous()
-        tmp = directory / f".{name}.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, directory / f"{name}.safetensors")
+        from parity.outdir import atomic_write_text, atomic_write_with
+
+        atomic_write_with(directory / f"{name}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
         meta = {**self.meta, "stored": "tokens" if tokens_only else "full"}
-        tmp_json = directory / f".{name}.json.tmp"
-        tmp_json.write_text(strictjson.dumps(meta, indent=1))
-        os.replace(tmp_json, directory / f"{name}.json")
+        atomic_write_text(directory / f"{name}.json", strictjson.dumps(meta, indent=1))
 
     @classmethod
     def load(cls, directory: str | Path, name: str) -> "Trace":
         """Read a trace written by :meth:`save`."""
+        from parity import limits
+
         directory = Path(directory)
         tensors = load_file(str(directory / f"{name}.safetensors"))
-        meta = json.loads((directory / f"{name}.json").read_text())
+        meta = limits.read_json(directory / f"{name}.json", "trace metadata")
         clip = {k: tensors[k] for k in CLIP_FIELDS if k in tensors}  # traces written before voice cloning lack them
         return cls(**{k: tensors[k].float() if k in FLOAT_FIELDS else tensors[k] for k in TENSOR_FIELDS}, meta=meta, **clip)

@@ -11,7 +11,6 @@ that does not fit is linked by relative path instead of embedded.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from jinja2 import Environment, PackageLoader
@@ -130,12 +129,15 @@ def tables(obj) -> list[dict]:
 
 def _settings(sides: dict) -> dict:
     """Both sides' settings as rows (key, values per side, differs?)."""
-    roles = list(sides)
     keys: list[str] = []
-    for s in sides.values():
-        keys += [k for k in (s or {}) if k not in keys]
-    rows = [{"key": k, "values": [show((sides[r] or {}).get(k)) for r in roles],
-             "differs": len({show((sides[r] or {}).get(k)) for r in roles}) > 1} for k in keys]
+    # Before any side has loaded, a failed run has only its recipe here, whose values are not all
+    # tables (name, model, ...): only table-valued entries are sides.
+    tables_only = {r: s for r, s in sides.items() if isinstance(s, dict)} if isinstance(sides, dict) else {}
+    roles = list(tables_only)
+    for s in tables_only.values():
+        keys += [str(k) for k in s if str(k) not in keys]
+    rows = [{"key": k, "values": [show(tables_only[r].get(k)) for r in roles],
+             "differs": len({show(tables_only[r].get(k)) for r in roles}) > 1} for k in keys]
     return {"roles": roles, "rows": rows}
 
 
@@ -249,7 +251,7 @@ def write(summary: Summary | dict, run_dir: Path, path: Path) -> None:
     """Write report.html atomically; also append the GitHub job summary when running there."""
     if isinstance(summary, Summary):
         summary = summary.to_json()  # the template reads the records' JSON form (same names)
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(render(summary, Path(run_dir)), encoding="utf-8")
-    os.replace(tmp, path)
+    from parity.outdir import atomic_write_text
+
+    atomic_write_text(Path(path), render(summary, Path(run_dir)))
     write_step_summary(summary)

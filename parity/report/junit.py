@@ -11,7 +11,6 @@ readers look. Text from the run is stripped of characters XML 1.0 cannot carry.
 
 from __future__ import annotations
 
-import os
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -70,6 +69,6 @@ def build(summary: Summary) -> ET.Element:
 def write(summary: Summary | dict, path: Path) -> None:
     """Write junit.xml atomically."""
     tree = ET.ElementTree(build(summary if isinstance(summary, Summary) else Summary.from_json(summary)))
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tree.write(tmp, encoding="utf-8", xml_declaration=True)
-    os.replace(tmp, path)
+    from parity.outdir import atomic_write_with
+
+    atomic_write_with(Path(path), lambda tmp: tree.write(tmp, encoding="utf-8", xml_declaration=True))
