@@ -492,16 +492,15 @@ class Run:
         audio = {"reference": f"audio/{p.id}.reference.wav", "candidate": f"audio/{p.id}.candidate.wav"} if ref_audio and cand_audio else {}
         nonfinite_audio = {"reference": ref.meta.get("audio_nonfinite"), "candidate": free.meta.get("audio_nonfinite")}
         measured = analysis.measure_audio(prompt, timing, mos_result, audio, nonfinite_audio, ref_wav, cand_wav, sr)
+        if batch_other is not None or forced.meta.get("batch"):
+            # Where this row sat in its batch and what a second arrangement did: the second
+            # arrangement's trace is not kept, so its report is a measurement, saved with the rest.
+            from parity import batching
+
+            points0, judged = analysis.comparison(analysis.PromptTraces(ref, forced, free, truth), self.tol, self.recipe)
+            measured.extra["batch"] = batching.row_report(forced, ref, batch_other, judged.to_json())
         analysis.save_measured(self.out, p.id, measured)
         points, result = analysis.judge(analysis.PromptTraces(ref, forced, free, truth), measured, self.recipe)
-        from parity import batching, refclip
-
-        result.extra["reference_clip"] = refclip.compare_encoding(forced, ref)
-        hint = refclip.encoding_hint(result.extra["reference_clip"], self.tol)
-        if hint is not None:
-            result.extra["reference_clip_hint"] = hint
-        judged = result.comparison.to_json() if result.comparison else {}
-        result.extra["batch"] = batching.row_report(forced, ref, batch_other, judged)
         points.drop(columns=["finite"]).to_csv(self.out / "points" / f"{p.id}.csv.gz", index=False)
         write_json(self.out / "results" / f"{p.id}.json", result.to_json())
 
