@@ -184,6 +184,14 @@ def judge(t: PromptTraces, measured: Measured, recipe) -> tuple[object, PromptRe
         codebook0={"reference": t.reference.codes[:, 0].tolist(),
                    "candidate": t.free.codes[:, 0].tolist() if t.free is not None else []},
     )
+    from parity import refclip
+
+    # Voice cloning: both sides' encodings of the reference clip, compared (pure, from the traces).
+    result.extra["reference_clip"] = refclip.compare_encoding(t.forced, t.reference)
+    clip_hint = refclip.encoding_hint(result.extra["reference_clip"], recipe.tolerance())
+    if clip_hint is not None:
+        result.extra["reference_clip_hint"] = clip_hint
+    result.extra["batch"] = measured.extra.get("batch")  # measured at execution (see Run._finish_prompt)
     if measured.audio:  # both sides' audio were written: map the divergence to seconds
         first, free = c.first_divergence, c.free_run
         result.first_divergence_s = frame_to_seconds(first.step) if first else None
