@@ -383,7 +383,12 @@ def run_case(engine, prompt, case: Case, cache: dict) -> dict:
         free = engine.run(prompt, decoding, record=False) if case.free else None
     points = compare.point_frame(forced, ref, TOL)
     comparison = compare.summarize(points, forced, ref, free, TOL, decoding=decoding, stop_ratio=10.0)
-    results = gates.evaluate(default_gates(), comparison)
+    from parity.results import Comparison
+
+    import numpy as np
+
+    nonfinite = int((~np.isfinite(points["rel_l2"].to_numpy(dtype=float))).sum())
+    results = gates.evaluate(default_gates(), Comparison.from_json({**comparison, "nonfinite_points": nonfinite}))
     return {"comparison": comparison, "gates": results, "ref": ref, "forced": forced, "free": free}
 
 
