@@ -338,7 +338,9 @@ class Run:
         """A prompt a previous run finished: a readable result and all its traces and audio."""
         files = [f"traces/{p.id}.{n}.{ext}" for n in ("reference", "candidate.forced", "candidate.free") for ext in ("safetensors", "json")]
         files += [f"audio/{p.id}.reference.wav", f"audio/{p.id}.candidate.wav", f"points/{p.id}.csv.gz", f"points/{p.id}.measured.json"]
-        return self._read_result(p) is not None and all((self.out / f).is_file() for f in files)
+        # Files first: a prompt with a trace missing runs again (its result's digest, which covers
+        # the traces, could not match and must not make the resume fail).
+        return all((self.out / f).is_file() for f in files) and self._read_result(p) is not None
 
     def _read_result(self, p: Prompt) -> dict | None:
         """results/<id>.json if it is a complete result of this prompt, else None. A result whose
@@ -567,6 +569,8 @@ class Run:
                 result = self._read_result(p)
             except BadInput as e:
                 result, self.output_failure = None, self.output_failure or e
+            if result:  # the digest seals results/<id>.json to its traces; the summary does not repeat it
+                result = {k: v for k, v in result.items() if k != digest.KEY}
             results.append(PromptResult.from_json(result) if result else PromptResult(p.id, p.text, p.line, "not_run", False))
         summary = analysis.summarize(results, {**meta, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
                                      _failure_text(failure), getattr(self, "peak", {}))
