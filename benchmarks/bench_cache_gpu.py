@@ -62,7 +62,8 @@ def main() -> None:
     try:
         cache = root / "cache"
         subprocess.run([sys.executable, "-c", "from parity.models import ensure_builtin; ensure_builtin('0.6b')"],
-                       env={**os.environ, "PARITY_CACHE": str(cache), "PYTHONPATH": str(REPO)}, check=True, cwd=REPO)
+                       env={**os.environ, "PARITY_CACHE": str(cache),
+                            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}, check=True, cwd=REPO)
         first = timed(REPO, cache, root / "first")
         second = timed(REPO, cache, root / "second", ["--set", "candidate.attention=eager"])
         result = {
