@@ -60,6 +60,8 @@ def _set_somewhere(data, path: list[int], value):
 def damage(out: Path, mutation) -> None:
     kind, name, arg = mutation
     path = out / name
+    if kind != "bytes" and not path.is_file():  # deleted by an earlier damage of the same run
+        return
     if kind == "bytes":
         path.write_bytes(arg)
     elif kind == "truncate":
@@ -69,7 +71,10 @@ def damage(out: Path, mutation) -> None:
         path.unlink()
     else:
         where, value = arg
-        data = json.loads(path.read_text())
+        try:  # an earlier damage may already have made it unreadable: that damage then stands alone
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
         path.write_text(json.dumps(_set_somewhere(data, where, value)))
 
 
