@@ -144,3 +144,20 @@ def test_resume_on_a_damaged_run(finished, capfd, muts):
         before = fingerprint(world, out)
         code, err = _run_main(["run", str(world / "p.txt"), "--out", str(out), *FAST, "--resume"], capfd)
         _judge(code, err, world, out, before, "summary.json")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(mutations, min_size=1, max_size=2))
+def test_compare_on_a_damaged_run(finished, capfd, muts):
+    """`parity compare` re-judges from the saved traces: damage anywhere is one line and exit 2, or a
+    valid re-analysis written inside the run directory (its default --out, RUN/compare)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        world = Path(tmp)
+        out = world / "out"
+        shutil.copytree(finished / "out", out)
+        for m in muts:
+            if (out / m[1]).exists():
+                damage(out, m)
+        before = fingerprint(world, out)
+        code, err = _run_main(["compare", str(out)], capfd)
+        _judge(code, err, world, out, before, "compare/summary.json")
