@@ -5,16 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from parity import strictjson
 from parity.results import Summary
 
 
 def write_json(path: Path, data) -> None:
-    """Write strict JSON atomically: a killed process never leaves a half-written file behind, and
-    no bare NaN/Infinity is ever written."""
-    from parity.outdir import atomic_write_text
+    """Write strict JSON atomically (no half-written file, never a bare NaN/Infinity)."""
+    from parity.outdir import atomic_write_json
 
-    atomic_write_text(path, strictjson.dumps(data, indent=1, ensure_ascii=False))
+    atomic_write_json(path, data)
 
 
 def write_outputs(summary: Summary, out: Path, run_dir: Path | None = None) -> None:
