@@ -28,16 +28,16 @@ plus 1 + ceil(log2 L) for the layer bisect over L layers.
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from parity.errors import BadInput
 from parity.recipe import Recipe, Side
+from parity.results import BisectOutcome
 
-FIELDS = ("engine", "dtype", "device", "attention", "cache", "tf32")
+FIELDS = ("engine", "dtype", "device", "attention", "cache", "tf32", "batch")
 LOAD_FIELDS = ("engine", "dtype", "device")  # need a freshly loaded model; the rest change in place
 
 
@@ -120,51 +120,19 @@ def configure(ref: Side, factors: Iterable[Factor], extra_variants: Iterable[str
 
 # -- runs -------------------------------------------------------------------------------------
 
-@dataclass
-class Outcome:
-    """One configuration run (over all prompts) and whether it diverges."""
-
-    run: int
-    purpose: str  # candidate / alone / search / proof / removed / layers
-    factors: list[str]
-    side: str
-    diverges: bool
-    first_divergence: dict | None = None  # of the first prompt that diverges
-    first_nonfinite: dict | None = None
-    max_rel_l2: float | None = None
-    seconds: float = 0.0
-    layers: str | None = None  # for layer-bisect runs: which layers the culprit was applied to
-    hints: list[str] = field(default_factory=list)  # compare's signature hints for the first diverging prompt
-
-    def text(self) -> str:
-        """'diverges at talker step 0 layer0 (rel L2 0.012)' or 'parity (max rel L2 3e-4)'."""
-        from parity.gates import where
-
-        if self.diverges and self.first_divergence:
-            d = self.first_divergence
-            return f"diverges at {where(d)} (rel L2 {_fmt(d['rel_l2'])})"
-        return f"parity (max rel L2 {_fmt(self.max_rel_l2)})"
-
-    def short(self) -> str:
-        """Table cell: 'diverges talk s0 L0 0.012 #3' / 'parity, max 3e-4 #5' (#: the run number)."""
-        from parity.report.overview import short_where
-
-        if self.diverges and self.first_divergence:
-            d = self.first_divergence
-            return f"diverges {short_where(d)} {_fmt(d['rel_l2'])} #{self.run}"
-        return f"parity, max {_fmt(self.max_rel_l2)} #{self.run}"
-
-
-def _fmt(v) -> str:
-    return v if isinstance(v, str) else ("-" if v is None else f"{v:.2g}")
+Outcome = BisectOutcome  # one configuration run; the record lives in parity.results
 
 
 class Runner:
     """Runs configurations teacher-forced on the cached reference traces; keeps loaded engines
     (one per load-time setting when the engine can be reconfigured in place), counts runs and loads."""
 
-    def __init__(self, recipe: Recipe, prompts: list, steps: int, model_dir, progress: Callable[[str], None] | None = None):
+    def __init__(self, recipe: Recipe, prompts: list, steps: int, model_dir, progress: Callable[[str], None] | None = None,
+                 host=None):
+        from parity.engines.lifecycle import EngineHost
+
         self.recipe = recipe
+        self.host = host or EngineHost(recipe, model_dir, prompts)
         self.prompts = prompts
         self.decoding = replace(recipe.decoding, max_frames=steps)
         self.model_dir = model_dir
@@ -176,16 +144,14 @@ class Runner:
         self.reference_traces: dict[str, Any] = {}
 
     def _engine(self, side: Side):
-        from parity.engines.base import make_engine
-
         load_key = tuple(getattr(side, f) for f in LOAD_FIELDS)
         engine = self.engines.get(load_key) or self.engines.get(side)
         if engine is None:
-            engine = make_engine(side, self.model_dir)
-            engine.load()
+            role = "reference" if side == self.recipe.reference else side.label()
+            engine = self.host.load(self.host.make(side, role), role)
             self.loads += 1
             if side.variants and getattr(engine, "applied", None) is None:
-                engine.close()
+                self.host.release(engine, role)
                 raise BadInput(f"the {side.engine} engine does not apply variants ({', '.join(side.variants)}); "
                                "bisect them on the reference engine")
             self.engines[load_key if hasattr(engine, "reconfigure") else side] = engine
@@ -200,40 +166,43 @@ class Runner:
             self.reference_traces[p.id] = engine.run(p, self.decoding)
 
     def execute(self, side: Side, purpose: str, factors: list[str], layers: str | None = None) -> Outcome:
-        from parity import compare
+        from parity.analysis import compare_traces
 
         self.runs += 1
         self.progress(f"run {self.runs} ({purpose}): {side.label()}")
         t0 = time.perf_counter()
         engine = self._engine(side)
         out = Outcome(self.runs, purpose, factors, side.label(), False, layers=layers)
-        worst = 0.0
+        worst, nonfinite = 0.0, False
+        batched = None
+        if side.batch > 1:  # every prompt as a row of a batch, forced on its own batch-1 reference
+            from parity.batching import run_batched
+
+            batched = run_batched(engine, self.prompts, self.decoding, side.batch, forces=self.reference_traces)
         for p in self.prompts:
             ref = self.reference_traces[p.id]
-            cand = engine.run(p, self.decoding, force=ref)
-            points = compare.point_frame(cand, ref, self.tol)
-            summary = compare.summarize(points, cand, ref, None, self.tol)
-            m = summary["max_rel_l2"]  # a float, "inf" or None (nothing compared)
-            if m is not None:
-                worst = max(worst, math.inf if m == "inf" else m)
-            if summary["first_divergence"] is not None and not out.diverges:
+            cand = batched[p.id] if batched is not None else engine.run(p, self.decoding, force=ref)
+            c = compare_traces(cand, ref, self.tol)
+            worst = max(worst, c.max_rel_l2 or 0.0)
+            nonfinite = nonfinite or c.nonfinite_points > 0
+            if c.first_divergence is not None and not out.diverges:
                 out.diverges = True
-                out.first_divergence = {**summary["first_divergence"], "prompt": p.id}
-                out.first_nonfinite = summary["first_nonfinite"]
-                out.hints = [h["text"] for h in summary["hints"]]
-        out.max_rel_l2 = worst if math.isfinite(worst) else "inf"
+                out.first_divergence, out.prompt = c.first_divergence, p.id
+                out.first_nonfinite = c.first_nonfinite
+                out.hints = [h["text"] for h in c.hints]
+        # A NaN/inf divergence has no finite size: never report it as "max rel L2 0".
+        out.max_rel_l2, out.nonfinite = (None if nonfinite and worst == 0.0 else worst), nonfinite
         out.seconds = time.perf_counter() - t0
         return out
 
     def layer_counts(self) -> dict[str, int]:
-        """Decoder layers per component, read from the loaded reference model."""
-        engine = self._engine(self.recipe.reference)
-        talker = engine.talker if hasattr(engine, "talker") else engine.tts.model.model.talker  # reference / faster
-        return {"talker": len(talker.model.layers), "predictor": len(talker.code_predictor.model.layers)}
+        """Decoder layers per component, from the layout the loaded reference engine declares."""
+        layout = self._engine(self.recipe.reference).layout()
+        return {c.name: c.layers for c in layout.components}
 
     def close(self) -> None:
         for engine in self.engines.values():
-            engine.close()
+            self.host.release(engine, engine.side.label())
         self.engines.clear()
 
 
@@ -299,7 +268,7 @@ class Search:
         names = [f.name for f in self.factors]
         result: dict[str, Any] = {"factors": [asdict(f) | {"describe": f.describe()} for f in self.factors]}
         full = self.test(names, "candidate")
-        result["candidate_run"] = asdict(full)
+        result["candidate_run"] = full.to_json()
         if not full.diverges:
             result["verdict"] = "no divergence: the candidate stays within tolerance over these frames; nothing to explain"
             return self._finish(result)
@@ -322,14 +291,14 @@ class Search:
         holds = again.diverges and (without is None or not without.diverges)
         result["culprits"] = culprits
         result["proof"] = {
-            "culprits_alone": asdict(again),
-            "candidate_without": None if without is None else asdict(without),
+            "culprits_alone": again.to_json(),
+            "candidate_without": None if without is None else without.to_json(),
             "candidate_without_is_reference": without is None,
             "holds": holds,
         }
         removed = {n: self.test([m for m in names if m != n], "removed") for n in names}
-        result["alone"] = {n: asdict(o) for n, o in alone.items()}
-        result["removed"] = {n: asdict(o) for n, o in removed.items()}
+        result["alone"] = {n: o.to_json() for n, o in alone.items()}
+        result["removed"] = {n: o.to_json() for n, o in removed.items()}
         settings_runs = len(self.log)
         result["layers"] = [self.layer_bisect(c, culprits, alone[c]) for c in culprits if self.by_name[c].per_layer]
         result["verdict"] = (
@@ -381,7 +350,7 @@ class Search:
         while hi - lo > 1:
             mid = (lo + hi) // 2
             out = prefix(mid)
-            entry["runs"].append(asdict(out))
+            entry["runs"].append(out.to_json())
             lo, hi = (lo, mid) if out.diverges else (mid, hi)
         component, layer = positions[hi - 1]
         entry["first_layer"] = {"component": component, "layer": layer}
@@ -393,7 +362,7 @@ class Search:
         return entry
 
     def _finish(self, result: dict) -> dict:
-        result["runs"] = [asdict(o) for o in self.log]
+        result["runs"] = [o.to_json() for o in self.log]
         result["counts"] = {
             "runs": len(self.log),
             "settings_runs": result.get("settings_runs", len(self.log)),
@@ -410,14 +379,50 @@ def bisect(prompts_path: Path, recipe: Recipe, factors: list[str] | None, steps:
            progress: Callable[[str], None] | None = None) -> dict:
     """Run ``parity bisect``; returns the result (also written to ``out/bisect.json`` under the
     key ``bisect``)."""
-    from parity.models import resolve_model
     from parity.prompts import load_prompts
     from parity.run import write_json
 
     if steps < 1:
         raise BadInput(f"--steps must be at least 1, got {steps}")
     prompts = load_prompts(prompts_path)
+    from parity.refclip import check_prompts
+
+    check_prompts(prompts, None, prompts_path)
     chosen, held = find_factors(recipe.reference, recipe.candidate, factors)
+    lock = _lock_out(Path(out)) if out is not None else None  # refused here, not after the whole search
+    try:
+        result = _bisect(prompts, Path(prompts_path), recipe, chosen, held, steps, progress)
+        if out is not None:
+            from parity.outdir import write_marker
+
+            existed = (Path(out) / "bisect.json").exists()
+            write_json(Path(out) / "bisect.json", {"bisect": result})
+            if not existed:
+                write_marker(Path(out), ["bisect.json"])  # --force may delete what parity wrote
+    finally:
+        if lock is not None:
+            lock.release()
+    return result
+
+
+def _lock_out(out: Path):
+    """Check --out before any work (a file, or a directory another run holds, is refused at once)
+    and lock it for this bisect."""
+    from parity import outdir
+    from parity.run import make_out_dir
+
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out '{out}' exists and is not a directory; choose another path")
+    outdir.check_not_locked(out)
+    make_out_dir(out)
+    return outdir.RunLock(out, "parity bisect").acquire()
+
+
+def _bisect(prompts, prompts_path: Path, recipe: Recipe, chosen, held, steps: int, progress) -> dict:
+    from parity.engines.lifecycle import EngineHost, engine_failure
+    from parity.errors import ParityError
+    from parity.models import resolve_model
+
     result: dict[str, Any] = {
         "prompts": [p.id for p in prompts], "steps": steps, "tolerance": recipe.tolerance(),
         "reference": asdict(recipe.reference), "candidate": asdict(recipe.candidate),
@@ -429,21 +434,24 @@ def bisect(prompts_path: Path, recipe: Recipe, factors: list[str] | None, steps:
                       factors=[], runs=[], counts={"runs": 0, "settings_runs": 0, "layer_runs": 0, "proof_reruns": 0})
         result["counts"].update(reference_runs=0, loads=0, seconds=0.0)
     else:
-        runner = Runner(recipe, prompts, steps, resolve_model(recipe.model, recipe.model_seed), progress)
+        model_dir = resolve_model(recipe.model, recipe.model_seed)
+        # The same lifecycle as parity run: preflight before any load (prompt fit checked for the
+        # bisect's frame count), checkpoint errors exit 2, engine crashes and OOM exit 3.
+        host = EngineHost(recipe, model_dir, prompts, Path(prompts_path))
+        host.preflight(replace(recipe, decoding=replace(recipe.decoding, max_frames=steps)))
+        runner = Runner(recipe, prompts, steps, model_dir, progress, host)
         try:
             runner.run_reference()
             search = Search(recipe.reference, chosen, runner.execute, runner.layer_counts)
             result.update(search.run())
+        except ParityError:
+            raise
+        except Exception as e:
+            raise engine_failure(e, f"bisect run {runner.runs}") from e
         finally:
             runner.close()
         result["counts"].update(reference_runs=1, loads=runner.loads, seconds=time.perf_counter() - t0)
-    if out is not None:
-        out = Path(out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise BadInput(f"--out '{out}' cannot be created ({e.strerror}); choose a writable directory") from None
-        write_json(out / "bisect.json", {"bisect": result})
+        result["peak_memory"] = host.peak
     return result
 
 
@@ -474,21 +482,23 @@ def render(result: dict, console) -> None:
 
     console.print(f"reference  {ref.label()}\ncandidate  {cand.label()}", markup=False, highlight=False)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
-    for col in ("setting", "reload", "alone on the ref.", "removed from cand.", "culprit"):
-        table.add_column(col, overflow="fold")
+    # A setting's name (one word: '+kv_quant=int8@talker') and the culprit mark are never broken;
+    # the outcome cells wrap at their spaces.
+    for col in ("setting", "alone on the ref.", "removed from cand.", "culprit"):
+        table.add_column(col, overflow="fold", no_wrap=col in ("setting", "culprit"))
     culprits = set(result.get("culprits", []))
     for f in result["factors"]:
         alone = result.get("alone", {}).get(f["name"])
         removed = result.get("removed", {}).get(f["name"])
         table.add_row(
-            f["describe"].replace(" -> ", "→"), "yes" if f["load_time"] else "",
+            f["describe"].replace(" -> ", "→") + (" *" if f["load_time"] else ""),
             _cell(alone, bad_if=True), _cell(removed, bad_if=True),
             "[red]yes[/]" if f["name"] in culprits else "",
         )
     console.print(table)
     console.print(f"{result['steps']} teacher-forced frames, tolerance rel L2 {result['tolerance']:g}; {c['runs']} runs "
                   f"(+{c['reference_runs']} reference), {c['loads']} model loads, {c['seconds']:.1f} s; #n: run number; "
-                  "reload: needs the model loaded again (engine, dtype, device)", style="dim", markup=False, highlight=False)
+                  "*: the setting needs the model loaded again (engine, dtype, device)", style="dim", markup=False, highlight=False)
     console.print(f"candidate: {_text(result['candidate_run'])}")
     for hint in result["candidate_run"].get("hints", []):
         console.print(f"  {hint}", markup=False, highlight=False)
@@ -510,11 +520,22 @@ def render(result: dict, console) -> None:
 
 
 def _text(o: dict) -> str:
-    return Outcome(**o).text()
+    return Outcome.from_json(o).text()
 
 
 def _cell(o: dict | None, bad_if: bool) -> str:
+    """A table cell at 80 columns: 'diverges talk s0 L0 0.012 #3' / 'parity, max 3e-4 #5' (#: the run)."""
+    from parity.report.overview import short_where
+
     if o is None:
         return "-"
-    color = "red" if o["diverges"] == bad_if else "green"
-    return f"[{color}]{Outcome(**o).short()}[/]"
+    out = Outcome.from_json(o)
+    color = "red" if out.diverges == bad_if else "green"
+    d = out.first_divergence
+    if out.diverges and d is not None:
+        size = "inf" if d.nonfinite else ("-" if d.rel_l2 is None else f"{d.rel_l2:.2g}")
+        text = f"diverges {short_where(d)} {size} #{out.run}"
+    else:
+        size = "inf" if out.nonfinite else ("-" if out.max_rel_l2 is None else f"{out.max_rel_l2:.2g}")
+        text = f"parity, max {size} #{out.run}"
+    return f"[{color}]{text}[/]"

@@ -33,8 +33,14 @@ def engine_output_to(out_dir_of: "callable", name: str = "engine.log") -> Iterat
             tmp.close()
             out_dir = Path(out_dir_of()) if out_dir_of() is not None else None
             if out_dir is not None and out_dir.is_dir() and os.path.getsize(tmp.name):
+                new = not (out_dir / name).exists()
                 with open(tmp.name, "rb") as src, open(out_dir / name, "ab") as dst:
                     shutil.copyfileobj(src, dst)
+                if new:  # parity wrote it, so --force may delete it (and only it, of what is not ours)
+                    from parity.outdir import write_marker
+
+                    with contextlib.suppress(OSError):
+                        write_marker(out_dir, [name])
     finally:
         os.close(saved)
         with contextlib.suppress(OSError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import sys
@@ -24,7 +25,7 @@ VERBOSITY = {"level": 0}  # -q: -1, default 0, -v: 1 (set by the root and by eac
 
 PromptsArg = Annotated[Path, typer.Argument(help="Prompt file: one prompt per line, or JSONL with 'text'.")]
 RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe TOML (default: the built-in smoke settings).")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, checkpoint directory, random:tiny or random:0.6b.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, checkpoint directory, or a built-in: random:tiny, random:0.6b, random:tiny-base, random:0.6b-base, random:tiny-design.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: runs/<recipe>-<time>).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: section.key=value (repeatable).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (no table); progress stays on stderr.")]
@@ -65,6 +66,7 @@ def root(
     if ctx.invoked_subcommand is None:  # bare `parity`: the usage, not an error message
         console.print(ctx.get_help(), markup=False, highlight=False)
         raise typer.Exit(2)
+FormatOpt = Annotated[Optional[str], typer.Option("--format", help="Prompt file format: text or jsonl (default: by extension, .jsonl is JSONL).")]
 
 
 def _recipe(recipe_path, model, sets, max_frames=None, device=None, mos=None, utmos_checkpoint=None):
@@ -113,6 +115,8 @@ def run(
     json_out: JsonOpt = False,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
+    refresh_reference: Annotated[bool, typer.Option("--refresh-reference", help="Run the reference again instead of reusing its cached traces (and re-cache them).")] = False,
+    prompt_format: FormatOpt = None,
 ) -> None:
     """Run reference and candidate on every prompt and report where they first diverge."""
     import signal
@@ -137,13 +141,14 @@ def run(
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal() works only there
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
-        _run(prompts, rec, out, force, resume, json_out, level)
+        _run(prompts, rec, out, force, resume, json_out, level, refresh_reference, prompt_format)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _run(prompts: Path, rec, out: Path, force: bool, resume: bool, json_out: bool, level: int) -> None:
+def _run(prompts: Path, rec, out: Path, force: bool, resume: bool, json_out: bool, level: int,
+         refresh_reference: bool = False, prompt_format: str | None = None) -> None:
     from parity.capture import engine_output_to
     from parity.report.console import closing_line, print_summary
     from parity.report.progress import Progress
@@ -151,25 +156,40 @@ def _run(prompts: Path, rec, out: Path, force: bool, resume: bool, json_out: boo
 
     command = "parity " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     progress = Progress(live=False if level > 0 else None, quiet=level < 0)
+    runner = Run(prompts, rec, out, command, progress, refresh_reference)
+    runner.prompt_format = prompt_format
+    runner.freeze_heap = True  # this process runs one command
     try:
         with engine_output_to(lambda: out):
-            summary = Run(prompts, rec, out, command, progress).execute(force=force, resume=resume)
+            summary = runner.execute(force=force, resume=resume)
     except KeyboardInterrupt as e:  # typer would swallow it into a bare exit 130
         raise _Stopped(e) from None
     finally:
         progress.close()
     seconds = progress.elapsed()
     if json_out:
-        _print_json({"run_dir": str(out), "seconds": round(seconds, 1), **summary})
+        _print_json({"run_dir": str(out), "seconds": round(seconds, 1), **summary.to_json()})
     elif level < 0:
         text, style = closing_line(summary, seconds)
         console.print(text, style=style, markup=False, highlight=False)
     else:
         from parity.report.rundata import load_bisect
 
-        print_summary(summary, console, seconds, load_bisect(out), verbose=level > 0)
-        console.print(f"wrote {out}/report.html, summary.json, junit.xml", markup=False, highlight=False)
-    raise typer.Exit(0 if summary["passed"] else 1)
+        print_summary(summary, console, seconds, load_bisect(out), verbose=level > 0,
+                      footer=[_cache_line(summary.extra.get("reference_cache") or {}),
+                              f"wrote {out}/report.html, summary.json, junit.xml"])
+    raise typer.Exit(0 if summary.passed else 1)
+
+
+def _cache_line(info: dict) -> str:
+    """One console line on where the reference's traces came from."""
+    if "off" in info:
+        return f"reference cache: off ({info['off']})"
+    hits, misses = info.get("hits", 0), info.get("misses", 0)
+    if info.get("refreshed"):
+        return f"reference cache: --refresh-reference: {info['refreshed']} prompts run again and stored ({info.get('dir')})"
+    rebuilt = f", {info['rebuilt']} corrupt entr{'y' if info['rebuilt'] == 1 else 'ies'} rebuilt" if info.get("rebuilt") else ""
+    return f"reference cache: {hits} of {hits + misses} prompts reused, {misses} run and stored{rebuilt} ({info.get('dir')})"
 
 
 def _print_json(data) -> None:
@@ -265,36 +285,116 @@ def _add_bisect_to_run(out: Path) -> Path | None:
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory written by parity run.")]) -> None:
     """Re-render report.html (and junit.xml) from a saved run."""
-    import json
-
     from parity.errors import BadInput
+    from parity.reanalysis import read_summary
     from parity.report import html, junit
+    from parity.readback import FIX
 
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise BadInput(f"'{run_dir}' has no summary.json; pass a directory written by parity run")
+    summary = read_summary(run_dir)
     try:
-        summary = json.loads(summary_path.read_text())
-    except json.JSONDecodeError as e:
-        raise BadInput(f"'{summary_path}' is not valid JSON (line {e.lineno}); re-run parity run") from None
-    _check_summary(summary, summary_path)
-    junit.write(summary, run_dir / "junit.xml")
-    html.write(summary, run_dir, run_dir / "report.html")
+        junit.write(summary, run_dir / "junit.xml")
+        html.write(summary, run_dir, run_dir / "report.html")
+    except BadInput:
+        raise
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # content the checks above let through but the renderer cannot use
+        raise BadInput(f"'{run_dir}' holds data the report cannot use ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())[:120]}); {FIX}") from None
     console.print(f"wrote {run_dir}/report.html")
 
 
-def _check_summary(summary, path: Path) -> None:
-    """A summary.json is read back from disk: its prompt ids name files under the run directory,
-    so they must be ids parity itself could have written (no path separators, no '..')."""
+@app.command(name="compare")
+def compare_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="RUN_DIR to re-analyse, or RUN_A RUN_B: two candidate runs against the same reference.")],
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe whose tolerances, gates and MOS gates to apply (its engine settings must match the run's).")] = None,
+    set_: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write (default: <last RUN>/compare).")] = None,
+) -> None:
+    """Re-analyse a saved run without loading any model, or compare two runs made against the same reference."""
     from parity.errors import BadInput
-    from parity.prompts import _ID_RE
 
-    prompts = summary.get("prompts") if isinstance(summary, dict) else None
-    if not isinstance(prompts, list) or not all(isinstance(p, dict) for p in prompts):
-        raise BadInput(f"'{path}' is not a parity summary (no prompt list); re-run parity run")
-    for p in prompts:
-        if not isinstance(p.get("id"), str) or not _ID_RE.fullmatch(p["id"]):
-            raise BadInput(f"'{path}': prompt id {p.get('id')!r} is not a valid id (A-Z a-z 0-9 . _ -); re-run parity run")
+    if len(runs) not in (1, 2):
+        raise BadInput(f"parity compare takes one run directory (re-analyse it) or two (RUN_A RUN_B), got {len(runs)}")
+    target = out or runs[-1] / "compare"
+    if len(runs) == 1:
+        from parity.reanalysis import reanalyse
+        from parity.report.console import print_summary
+
+        summary = reanalyse(runs[0], recipe, set_ or [], target)
+        print_summary(summary, console, footer=[f"wrote {target}/summary.json, junit.xml, report.html"])
+        raise typer.Exit(0 if summary.passed else 1)
+    from parity.versus import compare_runs, print_changes, write_changes
+
+    changes = compare_runs(runs[0], runs[1], recipe, set_ or [])
+    print_changes(changes, console)
+    write_changes(changes, target)
+    console.print(f"wrote {target}/compare.json")
+    raise typer.Exit(1 if changes.regressed else 0)
+
+
+@app.command()
+def engines() -> None:
+    """List the engines a recipe can name: built-ins and those added through the 'parity.engines' entry points."""
+    from rich.table import Table
+
+    from parity.engines.registry import ENTRY_POINT_GROUP, entries
+
+    table = Table(title=f"engines (add one with a '{ENTRY_POINT_GROUP}' entry point; see docs/engines.md)")
+    for col in ("name", "class", "from"):
+        table.add_column(col, overflow="fold")
+    for e in entries():
+        table.add_row(e.name, e.target, e.source + (" - shadowed by the built-in, not used" if e.shadowed else ""))
+    console.print(table)
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The reference-trace cache ($PARITY_CACHE/reference-traces).")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+def cache_list() -> None:
+    """List cached reference traces, most recently used first."""
+    from rich.table import Table
+
+    from parity.refcache import cache_dir, entries
+
+    rows = entries()
+    table = Table(title=f"reference cache: {cache_dir()}")
+    for col in ("key", "status", "prompt", "reference side", "frames", "size", "last used"):
+        table.add_column(col, overflow="fold")
+    for e in rows:
+        table.add_row(e.key[:12], "ok" if e.ok else "corrupt", e.prompt, e.side, str(e.frames or "?"),
+                      f"{e.bytes / 1024:.0f} KiB", time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)))
+    console.print(table)
+    total = sum(e.bytes for e in rows)
+    console.print(f"{len(rows)} entries, {total / 1024 / 1024:.1f} MiB", markup=False, highlight=False)
+
+
+@cache_app.command("prune")
+def cache_prune(
+    older_than: Annotated[Optional[str], typer.Option("--older-than", help="Remove entries not used for this long: 30m, 12h, 7d, 2w.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False,
+) -> None:
+    """Remove cached reference traces (corrupt or partial ones always go)."""
+    from parity.errors import BadInput
+    from parity.refcache import cache_dir, parse_age, prune
+
+    if older_than is None and not all_:
+        raise BadInput("parity cache prune needs --older-than AGE (e.g. 7d) or --all")
+    if older_than is not None and all_:
+        raise BadInput("--older-than and --all exclude each other; pass one")
+    result = prune(parse_age(older_than) if older_than else None, all_)
+    console.print(f"removed {result['removed']} entries ({result['freed_bytes'] / 1024 / 1024:.1f} MiB), kept {result['kept']} "
+                  f"in {cache_dir()}", markup=False, highlight=False)
+
+
+
+def _check_summary(summary, path: Path) -> None:
+    """A summary.json read back from disk (see parity.readback)."""
+    from parity.readback import check_summary
+
+    check_summary(summary, path)
 
 
 @app.command()
@@ -333,6 +433,51 @@ def env(json_out: JsonOpt = False) -> None:
 
 def main() -> None:
     """Entry point: known errors become one line on stderr and their exit code."""
+    _tolerant_streams()
+    try:
+        _main()
+    except SystemExit:
+        _flush_stdout()
+        raise
+    except OSError as e:  # a write to stdout failed inside a command (rich flushes as it prints)
+        # Writes into files are mapped to their own errors earlier; a stream write has no filename.
+        if e.filename is None and e.errno in (errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EDQUOT, errno.EBADF):
+            _stdout_broken(e)
+        raise
+    _flush_stdout()
+
+
+def _tolerant_streams() -> None:
+    """A terminal or pipe that cannot encode a character (PYTHONIOENCODING=ascii) gets a
+    replacement character instead of a UnicodeEncodeError traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="replace")
+        except (AttributeError, ValueError, OSError):
+            pass
+
+
+def _flush_stdout() -> None:
+    """Flush stdout now; if it cannot be written (``> /dev/full``, a closed pipe) say so in one line
+    and exit 2 instead of Python's multi-line "Exception ignored" at shutdown."""
+    try:
+        sys.stdout.flush()
+    except OSError as e:
+        _stdout_broken(e)
+
+
+def _stdout_broken(e: OSError) -> None:
+    """One line on stderr and exit 2 for an unwritable stdout."""
+    try:  # nothing more may go to the broken stream, not even at interpreter exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    err_console.print(f"parity: error: cannot write to standard output ({e.strerror or e}); "
+                      "redirect it to a writable file", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
+def _main() -> None:
     from parity.errors import ParityError
 
     try:

@@ -1,7 +1,9 @@
 """Model sources: hub ids, local checkpoint directories and built-in random-weight checkpoints.
 
-Built-ins (``random:tiny``, ``random:0.6b``) are made deterministically from a seed, saved once to
-a cache directory and then loaded through the same public ``Qwen3TTSModel.from_pretrained`` path
+Built-ins (``random:tiny``, ``random:0.6b``: CustomVoice models with preset speakers;
+``random:tiny-base``, ``random:0.6b-base``: Base models for voice cloning, with the speaker
+encoder and the codec's encoder; ``random:tiny-design``: a VoiceDesign model driven by
+``instruct``) are made deterministically from a seed, saved once to a cache directory and then loaded through the same public ``Qwen3TTSModel.from_pretrained`` path
 as any real checkpoint, so the loading code that users rely on is the code the tests run.
 """
 
@@ -11,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from parity.errors import BadInput
@@ -45,9 +47,16 @@ class RandomSpec:
     decoder_intermediate: int
     decoder_heads: int
     codebook_dim: int
+    model_type: str = "custom_voice"  # custom_voice (preset speakers), base (voice clone), voice_design
+    # Speaker encoder (ECAPA-TDNN, base models only); its embedding width is the talker's hidden size.
+    speaker_channels: tuple[int, ...] = (512, 512, 512, 512, 1536)
+    speaker_attention: int = 128
+    speaker_scale: int = 8
+    speaker_se: int = 128
+    size_tag: str = ""  # config's tts_model_size (the package reads it to decide whether instruct is used)
 
 
-BUILTINS: dict[str, RandomSpec] = {
+_BUILTINS: dict[str, RandomSpec] = {
     # Small enough to build and generate a few dozen frames in about a second on a CPU.
     "tiny": RandomSpec(
         name="tiny", hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128,
@@ -60,8 +69,17 @@ BUILTINS: dict[str, RandomSpec] = {
         name="0.6b", hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, intermediate=3072,
         mrope_section=(24, 20, 20), text_vocab=151936, text_hidden=2048, codebook=2048,
         predictor_layers=5, decoder_hidden=512, decoder_layers=8, decoder_latent=1024,
-        decoder_dim=1536, decoder_intermediate=1024, decoder_heads=16, codebook_dim=512,
+        decoder_dim=1536, decoder_intermediate=1024, decoder_heads=16, codebook_dim=512, size_tag="0b6",
     ),
+}
+_TINY_SPEAKER = dict(speaker_channels=(32, 32, 32, 32, 96), speaker_attention=16, speaker_scale=4, speaker_se=16)
+BUILTINS: dict[str, RandomSpec] = {
+    **_BUILTINS,
+    # Base (voice-clone) models: speaker encoder + codec encoder; prompts carry ref_audio (+ ref_text for ICL).
+    "tiny-base": replace(_BUILTINS["tiny"], name="tiny-base", model_type="base", size_tag="tiny", **_TINY_SPEAKER),
+    "0.6b-base": replace(_BUILTINS["0.6b"], name="0.6b-base", model_type="base"),
+    # VoiceDesign: the voice is described by the prompt's instruct (the public model is 1.7B; tiny dims here).
+    "tiny-design": replace(_BUILTINS["tiny"], name="tiny-design", model_type="voice_design", size_tag="tiny"),
 }
 ALIASES = {"tiny": "random:tiny", "tiny-0.6b-dims": "random:0.6b", "random:0.6b-dims": "random:0.6b"}
 
@@ -115,10 +133,13 @@ def resolve_model(source: str, seed: int = 0) -> Path | str:
 
 def ensure_builtin(name: str, seed: int = 0) -> Path:
     """Return the cached directory of built-in ``name``, building it atomically if absent."""
-    target = cache_root() / f"random-{name}-seed{seed}-v{CHECKPOINT_FORMAT}"
-    if all((target / f).is_file() for f in REQUIRED_FILES):
+    root = cache_root()
+    target = root / f"random-{name}-seed{seed}-v{CHECKPOINT_FORMAT}"
+    if builtin_intact(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _check_cache_dir(root)
+    if target.exists():  # a damaged built-in (ours, in our cache): rebuilt, never "re-download"
+        shutil.rmtree(target, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         build_random_checkpoint(BUILTINS[name], tmp, seed)
@@ -134,17 +155,60 @@ def ensure_builtin(name: str, seed: int = 0) -> Path:
     return target
 
 
-def _codec_ids(codebook: int) -> dict:
+def builtin_intact(target: Path) -> bool:
+    """A built-in in the cache is usable: every required file, parseable configs and readable
+    safetensors headers (a truncated or edited file makes it be rebuilt)."""
+    try:
+        if not all((target / f).is_file() for f in REQUIRED_FILES):
+            return False
+        for f in REQUIRED_FILES:
+            if not isinstance(json.loads((target / f).read_text(encoding="utf-8")), dict):
+                return False
+        from safetensors import safe_open
+
+        weights = sorted(target.glob("*.safetensors")) + sorted((target / "speech_tokenizer").glob("*.safetensors"))
+        if len(weights) < 2:
+            return False
+        for w in weights:
+            with safe_open(str(w), "pt") as f:
+                keys = list(f.keys())
+                if not keys:
+                    return False
+                f.get_slice(keys[-1]).get_shape()
+            header_end = 8 + int.from_bytes(w.open("rb").read(8), "little")
+            if w.stat().st_size < header_end:
+                return False
+        return True
+    except Exception:  # unreadable in any way: not intact
+        return False
+
+
+def _check_cache_dir(root: Path) -> None:
+    """The cache directory must be a writable directory (or creatable): one line otherwise."""
+    where = "PARITY_CACHE" if os.environ.get("PARITY_CACHE") else "the cache directory"
+    try:
+        if root.exists() and not root.is_dir():
+            raise BadInput(f"{where} '{root}' is a file, not a directory; point PARITY_CACHE at a directory")
+        root.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=".write-test-", dir=root))
+        probe.rmdir()
+    except OSError as e:
+        raise BadInput(f"{where} '{root}' is not writable ({e.strerror or e}); point PARITY_CACHE at a writable "
+                       "directory") from None
+
+
+def _codec_ids(codebook: int, speakers: tuple[str, ...] = SPEAKERS) -> dict:
     """Special codec ids, all in the top 1024 block of the talker vocabulary (generate suppresses
-    that block except EOS, so specials must live there)."""
+    that block except EOS, so specials must live there). Base and VoiceDesign models have no
+    preset speakers."""
     base = codebook
     return {
         "codec_pad_id": base + 100, "codec_bos_id": base + 101, "codec_eos_token_id": base + 102,
         "codec_think_id": base + 106, "codec_nothink_id": base + 107,
         "codec_think_bos_id": base + 108, "codec_think_eos_id": base + 109,
         "codec_language_id": {lang: base + 200 + i for i, lang in enumerate(LANGUAGES)},
-        "spk_id": {spk: base + 300 + i for i, spk in enumerate(SPEAKERS)},
-        "spk_is_dialect": {spk: False for spk in SPEAKERS},
+        "spk_id": {spk: base + 300 + i for i, spk in enumerate(speakers)},
+        "spk_is_dialect": {spk: False for spk in speakers},
     }
 
 
@@ -206,13 +270,21 @@ def _config_dict(spec: RandomSpec, text_ids: dict[str, int]) -> dict:
         "max_position_embeddings": 32768, "rope_theta": 1000000, "rms_norm_eps": 1e-6,
         "rope_scaling": {"interleaved": True, "mrope_section": list(spec.mrope_section), "rope_type": "default"},
         "hidden_act": "silu", "position_id_per_seconds": 13,
-        **_codec_ids(spec.codebook),
+        **_codec_ids(spec.codebook, SPEAKERS if spec.model_type == "custom_voice" else ()),
     }
+    speaker_encoder = {}
+    if spec.model_type == "base":
+        speaker_encoder = {
+            "mel_dim": 128, "enc_dim": spec.hidden, "enc_channels": list(spec.speaker_channels),
+            "enc_kernel_sizes": [5, 3, 3, 3, 1], "enc_dilations": [1, 2, 3, 4, 1],
+            "enc_attention_channels": spec.speaker_attention, "enc_res2net_scale": spec.speaker_scale,
+            "enc_se_channels": spec.speaker_se, "sample_rate": 24000,
+        }
     return {
         "architectures": ["Qwen3TTSForConditionalGeneration"], "model_type": "qwen3_tts",
-        "talker_config": talker, "speaker_encoder_config": {},
-        "tokenizer_type": "qwen3_tts_tokenizer_12hz", "tts_model_size": "0b6" if spec.name == "0.6b" else spec.name,
-        "tts_model_type": "custom_voice",
+        "talker_config": talker, "speaker_encoder_config": speaker_encoder,
+        "tokenizer_type": "qwen3_tts_tokenizer_12hz", "tts_model_size": spec.size_tag or spec.name,
+        "tts_model_type": spec.model_type,
         "im_start_token_id": text_ids["<|im_start|>"], "im_end_token_id": text_ids["<|im_end|>"],
         "tts_pad_token_id": text_ids["<|tts_pad|>"], "tts_bos_token_id": text_ids["<|tts_text_bos|>"],
         "tts_eos_token_id": text_ids["<|tts_text_eod|>"], "dtype": "bfloat16",
@@ -248,6 +320,8 @@ def _build_speech_tokenizer(spec: RandomSpec, out: Path, seed: int) -> None:
         "codebook_dim": 32, "num_quantizers": 16, "num_semantic_quantizers": 1, "frame_rate": 12.5,
         "upsampling_ratios": [8, 6, 5, 4], "sampling_rate": 24000, "upsample_groups": 32,
     }
+    if spec.model_type == "base":  # the encoder runs (on the reference clip): quantise at the codebook's width
+        encoder["vector_quantization_hidden_dimension"] = encoder["codebook_dim"]
     config = Qwen3TTSTokenizerV2Config(encoder_config=encoder, decoder_config=decoder)
     torch.manual_seed(seed + 1)
     model = Qwen3TTSTokenizerV2Model(config).eval()
@@ -263,9 +337,30 @@ def _build_speech_tokenizer(spec: RandomSpec, out: Path, seed: int) -> None:
                 p.normal_(0.0, 1.0)
             elif name.endswith("cluster_usage"):
                 p.fill_(1.0)
+    if spec.model_type == "base":
+        _init_encoder(model.encoder)
     _round_to_bf16(model)
     model.save_pretrained(str(out / "speech_tokenizer"))
     EncodecFeatureExtractor(feature_size=1, sampling_rate=24000).save_pretrained(str(out / "speech_tokenizer"))
+
+
+def _init_encoder(encoder) -> None:
+    """Make a random codec encoder give varied codes for an audible clip: fan-in scaled convolutions
+    (activations keep their scale) and N(0, 1) codebooks (the default all-zero codebooks map every
+    frame to code 0)."""
+    import torch
+
+    with torch.no_grad():
+        for m in encoder.modules():
+            if isinstance(m, torch.nn.Conv1d):
+                m.weight.normal_(0.0, (1.0 / (m.weight.shape[1] * m.weight.shape[2])) ** 0.5)
+                if m.bias is not None:
+                    m.bias.zero_()
+        for name, buf in list(encoder.named_buffers()) + list(encoder.named_parameters()):
+            if name.endswith("embed_sum"):
+                buf.normal_(0.0, 1.0)
+            elif name.endswith("cluster_usage") or name.endswith("initialized"):
+                buf.fill_(1)
 
 
 def build_random_checkpoint(spec: RandomSpec, out: Path, seed: int = 0) -> Path:

@@ -8,28 +8,20 @@ with loudness), with the gain capped so that no sample exceeds full scale. Repor
 ``sig``, ``bak`` and ``p808``.
 
 ``utmos``: UTMOS22 strong learner, from a local checkpoint given as ``checkpoint=`` or by the
-environment variable ``PARITY_UTMOS_CHECKPOINT``. The layout is detected:
+environment variable ``PARITY_UTMOS_CHECKPOINT``: a **state dict** (``.pt``/``.pth`` via
+``torch.load(weights_only=True)``, or ``.safetensors``) of the utmos-pytorch model (keys
+``feature_extractors.*``/``output_layers.*``, e.g. the ``utmos_state_dict.pt`` of
+``Blinorot/UTMOS-PyTorch``), or a directory holding exactly one such file. The architecture comes
+only from the installed PyPI package ``utmos-pytorch``. Keys are checked strictly: any missing or
+unexpected key is a ``BadInput`` naming the file, except ``...ssl_model.mask_emb``, the fairseq
+pretraining mask embedding that the exported state dict carries and inference never reads. A
+Lightning-style ``{"state_dict": {...}}`` wrapper is unwrapped.
 
-- **state dict** (``.pt``/``.pth`` via ``torch.load(weights_only=True)``, or ``.safetensors``) of
-  the utmos-pytorch model (keys ``feature_extractors.*``/``output_layers.*``, e.g. the
-  ``utmos_state_dict.pt`` of ``Blinorot/UTMOS-PyTorch``). The architecture comes from the PyPI
-  package ``utmos-pytorch`` (needs only torch). Keys are checked strictly: any missing or
-  unexpected key is a ``BadInput`` naming the file, except ``...ssl_model.mask_emb``, the fairseq
-  pretraining mask embedding that the exported state dict carries and inference never reads.
-  A Lightning-style ``{"state_dict": {...}}`` wrapper is unwrapped.
-- **TorchScript** file (e.g. ``utmos_scripted.pt``), loaded with ``torch.jit.load``; its
-  ``forward`` must take a ``(1, T)`` 16 kHz waveform (and optionally the sample rate) and return
-  one score.
-- **tarepan/SpeechMOS clone**: a directory with ``hubconf.py``; the model comes from its
-  ``utmos22_strong(pretrained=False)`` entry point (this runs the clone's own code) and the weights
-  from the one ``.pt``/``.pth``/``.safetensors`` file inside the directory, else from
-  ``utmos22_strong_step7459_v1.pt`` in the torch hub cache; loaded with strict key checks. A bare
-  tarepan state dict (keys ``wav2vec2.*``, ``blstm.*``) needs its clone for the architecture and is
-  refused with a message saying so.
-
-Nothing is unpickled beyond tensors, and nothing is downloaded. TorchScript and hub-clone models
-are probed once on a short clip at load, so a file that is not a one-score-per-clip model fails at
-load, not per clip. Clips are scored one at a time (batch padding shifts UTMOS scores).
+Nothing but tensors is ever loaded from a user path: a TorchScript file (a program) is refused,
+and a tarepan/SpeechMOS clone's ``hubconf.py`` is never run (its state dict is refused with a
+message saying so). The file must be a regular file under a size limit (a FIFO is refused rather
+than blocking). Nothing is downloaded. Clips are scored one at a time (batch padding shifts UTMOS
+scores).
 
 Guards (:func:`score_clip`) run before any scorer sees audio: empty, NaN/inf, more than one
 channel, a rate other than the caller's expected one or below the scorer's rate, and clips shorter
@@ -42,7 +34,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +51,8 @@ _WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
 # the fairseq-free model has no such parameter and inference with mask=False never reads it.
 _UTMOS_IGNORABLE_KEYS = frozenset({"feature_extractors.0.ssl_model.mask_emb"})
 _ACCEPTED = (
-    "a utmos-pytorch state dict (.pt/.pth/.safetensors), a TorchScript file, "
-    "or a tarepan/SpeechMOS clone directory (hubconf.py) holding its checkpoint"
+    "a utmos-pytorch state dict (.pt/.pth/.safetensors, tensors only; no TorchScript, no hubconf.py), "
+    "or a directory holding exactly one such file"
 )
 
 
@@ -110,6 +101,22 @@ def normalise_loudness(wav: np.ndarray, dbfs: float = TARGET_DBFS) -> np.ndarray
     return wav * gain
 
 
+DNSMOS_WINDOW_S = 9.01  # the length DNSMOS scores; speechmos repeats shorter clips up to it
+
+
+def one_window(audio: np.ndarray, sr: int) -> np.ndarray:
+    """A clip shorter than DNSMOS's window, repeated to exactly one window.
+
+    speechmos repeats a short clip by doubling until it passes 9.01 s and then scores every
+    1-second hop: a 2 s clip becomes 16 s and 7 windows of the same repeated signal, 7x the
+    cost of one. Repeating it to one window scores the same repeated signal once.
+    """
+    need = int(DNSMOS_WINDOW_S * sr) + 1
+    if len(audio) == 0 or len(audio) >= need:
+        return audio
+    return np.tile(audio, -(-need // len(audio)))[:need]
+
+
 class DnsmosScorer:
     """DNSMOS P.835 (OVRL/SIG/BAK) and P.808 from Microsoft's ``speechmos`` package."""
 
@@ -132,7 +139,7 @@ class DnsmosScorer:
 
     def score(self, wav: np.ndarray, sr: int) -> dict[str, float]:
         """Resample to 16 kHz, normalise to -26 dBFS and return ovrl, sig, bak and p808."""
-        audio = normalise_loudness(resample(wav, sr, self.sample_rate))
+        audio = one_window(normalise_loudness(resample(wav, sr, self.sample_rate)), self.sample_rate)
         out = self._run(audio.astype(np.float32), self.sample_rate)
         return {
             "ovrl": float(out["ovrl_mos"]),
@@ -194,7 +201,11 @@ def _load_state_dict(path: Path) -> dict:
 
             state = load_file(str(path), device="cpu")
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            import warnings
+
+            with warnings.catch_warnings():  # stderr stays one line: no torch serialization notices
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise BadInput(
             f"UTMOS checkpoint {path} cannot be read as tensors only "
@@ -215,40 +226,6 @@ def _is_torchscript(path: Path) -> bool:
         return False
     with zipfile.ZipFile(path) as archive:
         return any("/code/__torch__/" in name for name in archive.namelist())
-
-
-def _takes_sample_rate(forward) -> bool:
-    try:
-        return len(forward.schema.arguments) >= 3  # TorchScript: self, wave, sr
-    except AttributeError:
-        return len(inspect.signature(forward).parameters) >= 2
-
-
-def _wrap(model, takes_sr: bool) -> Callable:
-    if takes_sr:
-        return lambda wave: model(wave, 16000)
-    return model
-
-
-def _probe(predict: Callable, path: Path, device: str) -> None:
-    """Fail at load, not per clip, when a user-supplied model does not give one score per clip."""
-    import torch
-
-    wave = 0.01 * torch.sin(torch.arange(8000, dtype=torch.float32) * 0.2).unsqueeze(0)
-    try:
-        with torch.inference_mode():
-            out = torch.as_tensor(predict(wave.to(device)))
-    except Exception as exc:
-        raise BadInput(
-            f"UTMOS model from {path} fails on a 0.5 s 16 kHz clip of shape (1, T) "
-            f"({_one_line(exc)}); "
-            f"pass {_ACCEPTED}"
-        ) from None
-    if out.numel() != 1 or not bool(torch.isfinite(out).all()):
-        raise BadInput(
-            f"UTMOS model from {path} returned {tuple(out.shape)} values for one clip, expected "
-            f"one finite score; pass {_ACCEPTED}"
-        )
 
 
 def _load_utmos_pytorch(path: Path, state: dict, device: str) -> Callable:
@@ -279,58 +256,30 @@ def _load_utmos_pytorch(path: Path, state: dict, device: str) -> Callable:
     return predict
 
 
-def _hub_weights(clone: Path) -> Path:
-    import torch
-
-    found = sorted(p for p in clone.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+def _directory_weights(directory: Path) -> Path:
+    """The one weights file in a checkpoint directory (a SpeechMOS clone included). Nothing else in
+    the directory is read, and its hubconf.py is never run."""
+    found = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
         raise BadInput(
-            f"SpeechMOS clone {clone} holds several checkpoints ({', '.join(p.name for p in found)}); "
-            "keep exactly one .pt/.pth/.safetensors file there"
+            f"UTMOS checkpoint directory {directory} holds several checkpoints ({', '.join(p.name for p in found[:4])}); "
+            "pass the file itself"
         )
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / UTMOS_HUB_CHECKPOINT
-    if cached.is_file():
-        return cached
-    raise BadInput(
-        f"SpeechMOS clone {clone} has no checkpoint: put {UTMOS_HUB_CHECKPOINT} (from the "
-        f"SpeechMOS release) in that directory or in {cached.parent}"
-    )
-
-
-def _load_hub_clone(clone: Path, device: str) -> tuple[Callable, Path]:
-    import torch
-
-    weights = _hub_weights(clone)
-    # tarepan's package is also imported as `speechmos`: hide Microsoft's while the clone loads,
-    # then put it back so DNSMOS keeps working in the same process.
-    ours = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == "speechmos"}
-    try:
-        model = torch.hub.load(str(clone), "utmos22_strong", source="local", pretrained=False)
-    except Exception as exc:
-        raise BadInput(
-            f"SpeechMOS clone {clone}: hubconf.py has no working utmos22_strong entry point "
-            f"({_one_line(exc)}); "
-            "pass a clone of tarepan/SpeechMOS"
-        ) from None
-    finally:
-        for k in [k for k in sys.modules if k.split(".")[0] == "speechmos"]:
-            del sys.modules[k]
-        sys.modules.update(ours)
-    state = _load_state_dict(weights)
-    _check_keys(set(model.state_dict()), state, weights)
-    model.load_state_dict(state)
-    model.eval().to(device)
-    return _wrap(model, _takes_sample_rate(model.forward)), weights
+    raise BadInput(f"UTMOS checkpoint directory {directory} holds no .pt/.pth/.safetensors file; pass {_ACCEPTED}")
 
 
 def load_utmos(checkpoint: str | os.PathLike | None = None, device: str = "cpu") -> UtmosScorer:
-    """Load UTMOS22 strong from ``checkpoint`` (or ``$PARITY_UTMOS_CHECKPOINT``), layout detected.
+    """Load UTMOS22 strong from ``checkpoint`` (or ``$PARITY_UTMOS_CHECKPOINT``).
 
-    Raises ``BadInput`` when no checkpoint is given, the path is missing, or the file does not
-    match one of the supported layouts (see the module docstring) key for key.
+    Only tensors are loaded from the user's path (safetensors, or ``torch.load(weights_only=True)``)
+    into the architecture of the installed ``utmos-pytorch`` package, with strict keys. A directory
+    is searched for its one weights file; no code in it (``hubconf.py``) is ever run. TorchScript
+    files are programs and are refused. Raises ``BadInput`` for anything else.
     """
+    from parity import limits
+
     source = checkpoint or os.environ.get(UTMOS_ENV)
     if not source:
         raise BadInput(
@@ -340,34 +289,19 @@ def load_utmos(checkpoint: str | os.PathLike | None = None, device: str = "cpu")
     path = Path(source).expanduser()
     if not path.exists():
         raise BadInput(f"UTMOS checkpoint {path} does not exist; pass {_ACCEPTED}")
-
     if path.is_dir():
-        if not (path / "hubconf.py").is_file():
-            raise BadInput(f"UTMOS checkpoint directory {path} has no hubconf.py; pass {_ACCEPTED}")
-        predict, weights = _load_hub_clone(path, device)
-        _probe(predict, weights, device)
-        return UtmosScorer(predict, "speechmos-hub", weights, device)
-
+        path = _directory_weights(path)
+    limits.check_readable(path, "UTMOS checkpoint", limits.CHECKPOINT_LIMIT)  # a FIFO would block forever
     if _is_torchscript(path):
-        import torch
-
-        try:
-            model = torch.jit.load(str(path), map_location=device)
-        except Exception as exc:
-            raise BadInput(
-                f"UTMOS TorchScript file {path} cannot be loaded ({_one_line(exc)}); "
-                f"pass {_ACCEPTED}"
-            ) from None
-        model.eval()
-        predict = _wrap(model, _takes_sample_rate(model.forward))
-        _probe(predict, path, device)
-        return UtmosScorer(predict, "torchscript", path, device)
-
+        raise BadInput(
+            f"UTMOS checkpoint {path} is a TorchScript program; parity loads only tensors from a user path, "
+            f"never code: pass {_ACCEPTED}"
+        )
     state = _load_state_dict(path)
     if any(k.startswith("wav2vec2.") for k in state) and any(k.startswith("blstm.") for k in state):
         raise BadInput(
-            f"UTMOS checkpoint {path} is a tarepan/SpeechMOS state dict; pass the directory of a "
-            "tarepan/SpeechMOS clone with this file inside it"
+            f"UTMOS checkpoint {path} is a tarepan/SpeechMOS state dict, whose architecture parity would have to run "
+            "from the clone's own code (it never does); pass the utmos-pytorch state dict (utmos_state_dict.pt)"
         )
     return UtmosScorer(_load_utmos_pytorch(path, state, device), "state-dict", path, device)
 

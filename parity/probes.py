@@ -20,7 +20,7 @@ class ProbeCoverageError(RuntimeError):
 
 def _last_position(x) -> torch.Tensor:
     t = x[0] if isinstance(x, (tuple, list)) else x
-    return t[:, -1].detach().to(dtype=torch.float32, device="cpu", copy=True)[0]
+    return t[:, -1].detach().to(dtype=torch.float32, device="cpu", copy=True)  # [batch rows, hidden]
 
 
 class Recorder:
@@ -31,6 +31,7 @@ class Recorder:
         self.predictor = talker.code_predictor
         self.n_talker_layers = len(talker.model.layers)
         self.n_pred_layers = len(self.predictor.model.layers)
+        self.n_substeps = int(talker.config.num_code_groups) - 1  # predictor sub-steps per frame
         self.context: tuple | None = None
         self.slots: dict[tuple, dict[str, torch.Tensor]] = {}
         self.hits: dict[str, int] = {}
@@ -84,22 +85,23 @@ class Recorder:
             self.context = previous
 
     # -- assembling ------------------------------------------------------------------
-    def finish(self, n_steps: int, n_frames: int) -> dict[str, torch.Tensor]:
-        """Stack slots into trace tensors; raise ProbeCoverageError on any missing point."""
+    def finish(self, n_steps: int, n_frames: int, row: int = 0) -> dict[str, torch.Tensor]:
+        """Stack batch row ``row``'s slots into trace tensors; raise ProbeCoverageError on any
+        missing point."""
         talker_points = ["embed"] + [f"layer{i}" for i in range(self.n_talker_layers)]
         pred_points = ["embed"] + [f"layer{i}" for i in range(self.n_pred_layers)]
         talker_hidden, talker_logits = [], []
         for s in range(n_steps):
             slot = self._slot(("talker", s, -1), talker_points + ["logits"])
-            talker_hidden.append(torch.stack([slot[p] for p in talker_points]))
-            talker_logits.append(slot["logits"])
+            talker_hidden.append(torch.stack([slot[p][row] for p in talker_points]))
+            talker_logits.append(slot["logits"][row])
         pred_hidden, pred_logits = [], []
         for f in range(n_frames):
             rows_h, rows_l = [], []
-            for j in range(15):
+            for j in range(self.n_substeps):
                 slot = self._slot(("predictor", f, j), pred_points + ["logits"])
-                rows_h.append(torch.stack([slot[p] for p in pred_points]))
-                rows_l.append(slot["logits"])
+                rows_h.append(torch.stack([slot[p][row] for p in pred_points]))
+                rows_l.append(slot["logits"][row])
             pred_hidden.append(torch.stack(rows_h))
             pred_logits.append(torch.stack(rows_l))
         p = self.predictor
@@ -108,8 +110,8 @@ class Recorder:
         return {
             "talker_hidden": torch.stack(talker_hidden),
             "talker_logits": torch.stack(talker_logits),
-            "pred_hidden": torch.stack(pred_hidden) if pred_hidden else torch.zeros(0, 15, len(pred_points), hp),
-            "pred_logits": torch.stack(pred_logits) if pred_logits else torch.zeros(0, 15, vp),
+            "pred_hidden": torch.stack(pred_hidden) if pred_hidden else torch.zeros(0, self.n_substeps, len(pred_points), hp),
+            "pred_logits": torch.stack(pred_logits) if pred_logits else torch.zeros(0, self.n_substeps, vp),
         }
 
     def _slot(self, key: tuple, points: list[str]) -> dict[str, torch.Tensor]:

@@ -6,8 +6,8 @@ Two formats are accepted:
   character is ``#`` are skipped. Leading and trailing whitespace (including a
   Windows ``\\r``) is stripped from each prompt. Ids are ``p000``, ``p001``, ...
   in order of the prompts (not of the lines).
-* **JSONL**: chosen when the file name ends in ``.jsonl`` (any case), or when the
-  first non-blank, non-comment line starts with ``{``. One JSON object per line
+* **JSONL**: chosen when the file name ends in ``.jsonl`` (any case) or by an explicit
+  ``--format jsonl``; never by content (a text line may start with ``{``). One JSON object per line
   with a required ``text`` and optional ``speaker``, ``language``, ``instruct``,
   ``ref_audio``, ``ref_text`` and ``id``. Blank and ``#`` lines are skipped here
   too. String values are kept verbatim (no stripping inside the JSON).
@@ -31,7 +31,9 @@ Decisions (all problems raise :class:`~parity.errors.BadInput` with one line
   characters, because ids name output files. Prompts without an id get
   ``pNNN`` from their position; ids must be unique, generated ones included.
 * ``ref_text`` without ``ref_audio`` is refused (it would be silently ignored).
-  ``ref_audio`` is passed on verbatim; its existence is not checked here.
+  ``ref_audio`` must name an existing regular file (relative to the current directory, as the
+  engine opens it); URLs and inline data are passed on unchecked.
+* The file must be a regular file or a pipe of at most 16 MiB (``/dev/zero`` is refused).
 """
 
 from __future__ import annotations
@@ -89,7 +91,10 @@ def _bad_char(value: str) -> tuple[int, str] | None:
 
 
 def _read_text(path: Path) -> str:
-    """Read ``path`` as UTF-8, turning every problem into a BadInput."""
+    """Read ``path`` as UTF-8, turning every problem into a BadInput. Only a regular file (or a
+    pipe, ``<(...)``) of at most ``limits.PROMPTS_LIMIT`` bytes is read: ``/dev/zero`` is refused."""
+    from parity import limits
+
     try:
         exists, is_dir = path.exists(), path.is_dir()
     except (OSError, ValueError) as exc:  # name too long, NUL in the path, ...
@@ -98,11 +103,7 @@ def _read_text(path: Path) -> str:
         raise _bad(str(path), "prompt file not found", "check the path (a .txt or .jsonl file)")
     if is_dir:
         raise _bad(str(path), "is a directory, not a prompt file", "pass a .txt or .jsonl file")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise _bad(str(path), f"cannot read prompt file ({exc.strerror or exc})",
-                   "check that the file exists and is readable") from None
+    data = limits.read_bytes(path, "prompt file", limits.PROMPTS_LIMIT, allow_pipe=True)
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     try:
@@ -113,6 +114,33 @@ def _read_text(path: Path) -> str:
         byte = data[exc.start]
         raise _bad(f"{path}:{line}", f"not valid UTF-8 (byte 0x{byte:02x} at column {column})",
                    "re-save the file as UTF-8") from None
+
+
+FORMATS = ("text", "jsonl")
+
+
+def prompt_format(path: Path, fmt: str | None = None) -> str:
+    """``text`` or ``jsonl``: ``fmt`` when given, else by extension (``.jsonl`` is JSONL, anything
+    else is text). The content never decides: a text line that starts with ``{`` is a prompt."""
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise BadInput(f"--format {fmt!r} is not one of {', '.join(FORMATS)}; pass --format text or --format jsonl")
+        return fmt
+    return "jsonl" if path.suffix.lower() == ".jsonl" else "text"
+
+
+def check_ref_audio(where: str, value: str) -> None:
+    """A ``ref_audio`` that names a local file must exist and be a regular file (URLs and inline
+    data are passed on unchecked). Relative paths are taken from the current directory, as the
+    engine will open them."""
+    from parity import limits
+
+    if "://" in value or value.startswith("data:") or (len(value) > 260 and "/" not in value[:260]):
+        return
+    try:
+        limits.check_readable(value, "ref_audio", limits.AUDIO_LIMIT)
+    except BadInput as e:
+        raise _bad(where, str(e).split(";")[0], "fix the path (relative paths start at the current directory)") from None
 
 
 def _prompt_lines(text: str) -> list[tuple[int, str]]:
@@ -191,18 +219,18 @@ def _json_type(value: object) -> str:
     return type(value).__name__
 
 
-def load_prompts(path: str | Path, max_chars: int = 2000) -> list[Prompt]:
-    """Load and validate a prompt file (text or JSONL; see the module docstring).
+def load_prompts(path: str | Path, max_chars: int = 2000, fmt: str | None = None) -> list[Prompt]:
+    """Load and validate a prompt file (text or JSONL by extension, or ``fmt``; see the module docstring).
 
     Returns the prompts in file order. Raises :class:`BadInput` (one line with
     file, line number and a fix) for any problem with the file or its contents.
     """
     path = Path(path)
+    is_jsonl = prompt_format(path, fmt) == "jsonl"
     lines = _prompt_lines(_read_text(path))
     if not lines:
         raise _bad(str(path), f"no prompts in {path}",
                    "add one prompt per line (blank lines and # comments are skipped)")
-    is_jsonl = path.suffix.lower() == ".jsonl" or lines[0][1].lstrip().startswith("{")
 
     prompts: list[Prompt] = []
     seen: dict[str, int] = {}
@@ -227,6 +255,8 @@ def load_prompts(path: str | Path, max_chars: int = 2000) -> list[Prompt]:
         if fields["ref_text"] is not None and fields["ref_audio"] is None:
             raise _bad(where, "ref_text given without ref_audio",
                        'add "ref_audio": "path/to/reference.wav" or drop ref_text')
+        if fields["ref_audio"] is not None:
+            check_ref_audio(where, fields["ref_audio"])
         prompt_id = fields["id"]
         if prompt_id is None:
             prompt_id = f"p{len(prompts):03d}"

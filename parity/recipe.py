@@ -20,7 +20,7 @@ from parity.errors import BadInput
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTIONS = ("eager", "sdpa")
 DEVICES = ("auto", "cpu", "cuda")
-ENGINES = ("reference", "faster")
+ENGINES = ("reference", "faster")  # the engines of the Qwen3-TTS comparison; every registered name is accepted (parity.engines.registry)
 MAX_STATIC_LEN = 1 << 20  # positions; beyond any TTS prompt + audio, and a typo guard against huge allocations
 MAX_SEED = (1 << 63) - 1
 
@@ -43,6 +43,8 @@ class Side:
     device: str = "auto"
     # Divergence sources applied on top (parity.variants), e.g. ("rmsnorm_lowp@talker:0-4", "kv_quant=fp8").
     variants: tuple[str, ...] = ()
+    # Decode each prompt as one row of a left-padded batch of N prompts of the file (parity.batching).
+    batch: int = 1
 
     @property
     def static_len(self) -> int | None:
@@ -50,7 +52,7 @@ class Side:
 
     def label(self) -> str:
         return (f"{self.engine} {self.dtype}/{self.attention}/{self.cache}" + ("/tf32" if self.tf32 else "")
-                + "".join(f" +{v}" for v in self.variants))
+                + (f"/batch{self.batch}" if self.batch > 1 else "") + "".join(f" +{v}" for v in self.variants))
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,13 @@ class Gates:
     max_rel_l2: float | None = None  # no point's relative L2 error may exceed this
     min_token_agreement: float | None = None  # free-running code agreement, 0..1
     no_nonfinite: bool = True  # NaN/inf anywhere on the candidate side fails
+    # Under greedy decoding the same logits must give the same token: fails when the candidate's
+    # choice is not what the reference's sampler picks from the candidate's own logits.
+    sampler_agrees: bool = True
+    # Fails when, at a step where the reference's stop (EOS) probability is >= 1e-3, the
+    # candidate's is more than this factor lower (teacher-forced); 0 turns the check off.
+    stop_prob_ratio: float | None = 10.0
+    no_runaway: bool = True  # fails when the free-running candidate hits max_frames where the reference stopped
 
 
 @dataclass(frozen=True)
@@ -159,8 +168,9 @@ def _check_value(where: str, key: str, value: Any, typ: Any) -> Any:
 
 def _validate_side(where: str, side: Side) -> Side:
     """Range checks on one side; returns it with its variant specs in canonical form."""
-    if side.engine not in ENGINES:
-        raise BadInput(f"{where}: unknown engine {side.engine!r}; available: {', '.join(ENGINES)}")
+    from parity.engines.registry import check_name, variant_family
+
+    check_name(side.engine, where)
     if side.dtype not in DTYPES:
         raise BadInput(f"{where}: dtype {side.dtype!r} is not one of {', '.join(DTYPES)}")
     if side.attention not in ATTENTIONS:
@@ -169,12 +179,22 @@ def _validate_side(where: str, side: Side) -> Side:
         raise BadInput(f"{where}: device {side.device!r} is not one of {', '.join(DEVICES)}")
     if side.cache != "dynamic" and not (re.fullmatch(r"static:[1-9][0-9]{0,6}", side.cache) and side.static_len <= MAX_STATIC_LEN):
         raise BadInput(f"{where}: cache {side.cache!r} must be 'dynamic' or 'static:N' with 0 < N <= {MAX_STATIC_LEN} (e.g. static:2048)")
+    from parity.batching import MAX_BATCH
+
+    if not 1 <= side.batch <= MAX_BATCH:
+        raise BadInput(f"{where}: batch must be between 1 and {MAX_BATCH}, got {side.batch}")
+    if side.batch > 1 and side.engine != "reference":
+        raise BadInput(f"{where}: batch = {side.batch} needs the reference engine (the {side.engine} engine decodes one "
+                       "prompt at a time); set batch = 1 or engine = \"reference\"")
     if not side.variants:
         return side
     from parity.variants import parse_all
 
     try:
-        specs = parse_all(side.variants, side.engine)
+        family = variant_family(side.engine)
+        if family is None:
+            raise BadInput(f"the {side.engine} engine applies no variants; remove 'variants' from this side")
+        specs = parse_all(side.variants, family)
     except BadInput as e:
         raise BadInput(f"{where}: {e}") from None
     return replace(side, variants=tuple(str(s) for s in specs))
@@ -188,6 +208,11 @@ def validate(recipe: Recipe, where: str) -> Recipe:
         candidate=_validate_side(f"{where} [candidate]", recipe.candidate),
         truth=None if recipe.truth is None else _validate_side(f"{where} [truth]", recipe.truth),
     )
+    for role in ("reference", "truth"):
+        side = getattr(recipe, role)
+        if side is not None and side.batch != 1:
+            raise BadInput(f"{where} [{role}]: batch must be 1 on the {role} side (rows are compared against the batch-1 "
+                           "reference); set batch on [candidate]")
     if not 0 <= recipe.model_seed <= MAX_SEED:
         raise BadInput(f"{where}: model_seed must be between 0 and 2**63-1, got {recipe.model_seed}")
     d = recipe.decoding
@@ -195,14 +220,15 @@ def validate(recipe: Recipe, where: str) -> Recipe:
         raise BadInput(f"{where} [decoding]: seed must be between 0 and 2**63-1, got {d.seed}")
     if not 1 <= d.max_frames <= 100000:
         raise BadInput(f"{where} [decoding]: max_frames must be between 1 and 100000, got {d.max_frames}")
-    if d.temperature <= 0:
-        raise BadInput(f"{where} [decoding]: temperature must be > 0, got {d.temperature}")
+    if not MIN_TEMPERATURE <= d.temperature <= MAX_TEMPERATURE:  # 1e-30 divides logits into inf/NaN
+        raise BadInput(f"{where} [decoding]: temperature must be between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, "
+                       f"got {d.temperature}")
     if d.top_k < 0:
         raise BadInput(f"{where} [decoding]: top_k must be >= 0, got {d.top_k}")
     if not 0 < d.top_p <= 1:
         raise BadInput(f"{where} [decoding]: top_p must be in (0, 1], got {d.top_p}")
-    if d.repetition_penalty <= 0:
-        raise BadInput(f"{where} [decoding]: repetition_penalty must be > 0, got {d.repetition_penalty}")
+    if not 0 < d.repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise BadInput(f"{where} [decoding]: repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], got {d.repetition_penalty}")
     for dtype, tol in recipe.tolerances.items():
         if dtype not in DTYPES:
             raise BadInput(f"{where} [tolerances]: unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
@@ -211,6 +237,8 @@ def validate(recipe: Recipe, where: str) -> Recipe:
     g = recipe.gates
     if g.min_token_agreement is not None and not 0 <= g.min_token_agreement <= 1:
         raise BadInput(f"{where} [gates]: min_token_agreement must be in [0, 1], got {g.min_token_agreement}")
+    if g.stop_prob_ratio is not None and g.stop_prob_ratio != 0 and g.stop_prob_ratio <= 1:
+        raise BadInput(f"{where} [gates]: stop_prob_ratio must be a factor > 1 (or 0 to turn the check off), got {g.stop_prob_ratio}")
     if g.max_rel_l2 is not None and g.max_rel_l2 <= 0:
         raise BadInput(f"{where} [gates]: max_rel_l2 must be > 0, got {g.max_rel_l2}")
     if recipe.traces not in ("full", "tokens"):
@@ -272,19 +300,22 @@ def default_recipe() -> Recipe:
     )
 
 
+# Sampling settings beyond these only produce inf/NaN logits (an engine crash) or nothing useful.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+MAX_REPETITION_PENALTY = 100.0
+
+
 def load_recipe(path: str | Path | None) -> Recipe:
     """Load a recipe TOML (``None`` gives the built-in default, the smoke recipe's settings)."""
     if path is None:
         return validate(default_recipe(), "default recipe")
+    from parity import limits
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise BadInput(f"recipe '{path}' does not exist or is not a file; see recipes/ for examples")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise BadInput(f"recipe '{path}' is not UTF-8 text; re-save it as UTF-8") from None
-    except OSError as e:
-        raise BadInput(f"recipe '{path}' cannot be read ({e.strerror}); check its permissions") from None
+    # A pipe is fine (--recipe <(...)); a device or a huge file is not.
+    text = limits.read_text(path, "recipe", limits.RECIPE_LIMIT, allow_pipe=True)
     return parse_recipe_text(text, path)
 
 

@@ -16,27 +16,30 @@ whose reference trace is complete.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
-import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from parity import compare, gates as gates_mod, scoring
-from parity.engines.base import Engine, make_engine
+from parity import analysis, scoring
+from parity.analysis import first_nonfinite_point  # noqa: F401  (its old home)
+from parity.engines.base import Engine
+from parity.engines.lifecycle import EngineHost, one_line as _one_line
+from parity import digest, faults, limits, outdir, readback
 from parity.env import fingerprint
 from parity.errors import BadInput, EngineFailure
 from parity.models import resolve_model
-from parity.preflight import check_loaded_checkpoint, preflight
+from parity.preflight import local_checkpoint
 from parity.prompts import Prompt, load_prompts
+from parity.outputs import write_json
 from parity.recipe import Recipe
+from parity.results import PromptResult, Summary
 from parity.trace import Trace
 
 Progress = Callable[..., None]  # (phase, done, total, prompt id)
@@ -55,31 +58,19 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = exit_code
 
 
-def write_json(path: Path, data) -> None:
-    """Write JSON atomically: a killed run never leaves a half-written file behind."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str, ensure_ascii=False))
-    os.replace(tmp, path)
-
-
 def write_wav(path: Path, wav: np.ndarray, sr: int) -> None:
     """Write a 16-bit WAV atomically; NaN/inf samples are written as silence / full scale (callers
     report them first with :func:`first_nonfinite_sample`)."""
     import soundfile as sf
 
-    tmp = path.with_name(f".{path.name}.tmp.wav")
     wav = np.nan_to_num(np.asarray(wav, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
-    sf.write(str(tmp), np.clip(wav, -1, 1), sr, subtype="PCM_16")
-    os.replace(tmp, path)
-
-
-def _is_our_temp(name: str) -> bool:
-    return name.startswith(".") and (name.endswith(".tmp") or name.endswith(".tmp.wav") or name == ".write-test")
+    outdir.atomic_write_with(path, lambda tmp: sf.write(str(tmp), np.clip(wav, -1, 1), sr, subtype="PCM_16", format="WAV"))
 
 
 def check_out_dir(out: Path, force: bool, resume: bool) -> dict | None:
     """Decide whether --out may be used, without changing anything. Returns the run.json of the run
-    to resume (``--resume`` on a non-empty directory), else None."""
+    to resume (``--resume`` on a non-empty directory), else None. A directory another live parity
+    run holds is refused; ``--force`` is refused on a directory without parity's run marker."""
     if force and resume:
         raise BadInput("--force and --resume exclude each other: --force starts over, --resume continues; pass one")
     try:
@@ -88,6 +79,8 @@ def check_out_dir(out: Path, force: bool, resume: bool) -> dict | None:
         entries = sorted(os.listdir(out)) if out.is_dir() else []
     except OSError as e:
         raise BadInput(f"--out '{out}' cannot be read ({e.strerror}); choose another directory") from None
+    outdir.check_not_locked(out)
+    entries = [e for e in entries if e != outdir.LOCK_NAME]
     if not entries:
         return None
     run_json = out / "run.json"
@@ -96,31 +89,39 @@ def check_out_dir(out: Path, force: bool, resume: bool) -> dict | None:
             raise BadInput(f"--out '{out}' has no run.json, so it is not a parity run to resume; pass the directory of an "
                            "interrupted run, or --force to start over")
         try:
-            previous = json.loads(run_json.read_text(encoding="utf-8"))
-            assert isinstance(previous, dict)
-        except (OSError, ValueError, AssertionError):
-            raise BadInput(f"'{run_json}' is unreadable, so the run cannot be resumed; pass --force to start over") from None
+            previous = limits.read_json(run_json, "run.json")
+        except BadInput as e:
+            reason = str(e).split(";")[0].replace(f"run.json '{run_json}' ", "")
+            raise BadInput(f"'{run_json}' is unreadable ({reason}), so the run cannot be resumed; pass --force to start over") from None
+        if not isinstance(previous, dict):
+            raise BadInput(f"'{run_json}' is unreadable (not a JSON object), so the run cannot be resumed; pass --force to start over")
         return previous
     if not force:
         raise BadInput(f"--out '{out}' is not empty; pass --force to overwrite or --resume to continue it")
-    foreign = [e for e in entries if e not in RUN_ENTRIES and not _is_our_temp(e)]
-    if foreign and not run_json.is_file():
-        raise BadInput(f"--force refuses to delete '{out}': it is not a parity run directory (it holds '{foreign[0]}'); "
-                       "pass a new or empty directory")
+    outdir.force_plan(out)  # refuses a directory parity's marker does not claim
     return None
 
 
 def prepare_out_dir(out: Path, force: bool, resume: bool) -> None:
-    """Create --out (wiping an old run with --force, keeping it with --resume); refuse what is unsafe."""
+    """Create --out (with --force deleting exactly what an earlier run wrote, with --resume keeping
+    it) and record parity's entries in the run marker; refuse what is unsafe. Call with the lock held."""
     check_out_dir(out, force, resume)
     try:
-        if force and out.is_dir() and any(out.iterdir()):
-            shutil.rmtree(out)
+        if force and out.is_dir():
+            outdir.wipe(out)
+        outdir.write_marker(out, RUN_ENTRIES if resume else [e for e in RUN_ENTRIES if not (out / e).exists()])
         for sub in ("traces", "audio", "points", "results"):
             (out / sub).mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+    except OSError as e:
+        if outdir.is_no_space(e):
+            raise outdir.OutOfSpace(f"--out '{out}': no space left ({e.strerror}); free some disk space") from None
+        raise BadInput(f"--out '{out}' is not writable ({e.strerror}); choose a writable directory") from None
+
+
+def make_out_dir(out: Path) -> None:
+    """Create --out (and its parents) so it can be locked; BadInput when that is impossible."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BadInput(f"--out '{out}' is not writable ({e.strerror}); choose a writable directory") from None
 
@@ -153,51 +154,12 @@ def check_resumable(previous: dict, current: dict, out: Path) -> None:
                        "resume with the same prompt file, or pass --force to start over")
 
 
-def first_nonfinite_point(trace: Trace) -> dict | None:
-    """The first NaN/inf point of a recorded trace in execution order (talker step s: embed,
-    layers, logits; then the predictor sub-steps of frame s), named as compare.py names points."""
-    if trace.talker_hidden.numel() == 0:
-        return None
-    t_bad = ~torch.isfinite(trace.talker_hidden).all(-1)  # [S, L+1]
-    tl_bad = ~torch.isfinite(trace.talker_logits).all(-1)  # [S]
-    has_pred = trace.pred_hidden.numel() > 0
-    p_bad = ~torch.isfinite(trace.pred_hidden).all(-1) if has_pred else None  # [F, 15, P+1]
-    pl_bad = ~torch.isfinite(trace.pred_logits).all(-1) if has_pred else None  # [F, 15]
-
-    def point(component: str, step: int, sub: int, bad_layers: torch.Tensor) -> dict:
-        hits = bad_layers.nonzero()
-        p = int(hits[0, 0]) if len(hits) else len(bad_layers)  # len() = the logits point
-        name = "embed" if p == 0 else ("logits" if p == len(bad_layers) else f"layer{p - 1}")
-        return {"component": component, "step": step, "substep": sub, "layer": p - 1, "point": name}
-
-    for s in range(t_bad.shape[0]):
-        if bool(t_bad[s].any() or tl_bad[s]):
-            return point("talker", s, -1, t_bad[s])
-        if has_pred and s < p_bad.shape[0]:
-            for j in range(p_bad.shape[1]):
-                if bool(p_bad[s, j].any() or pl_bad[s, j]):
-                    return point("predictor", s, j, p_bad[s, j])
-    return None
-
-
 def first_nonfinite_sample(wav: np.ndarray, sr: int) -> dict | None:
     """Where a waveform first holds NaN/inf (sample index and seconds), or None."""
     bad = np.flatnonzero(~np.isfinite(np.asarray(wav)))
     if not len(bad):
         return None
     return {"sample": int(bad[0]), "seconds": round(int(bad[0]) / sr, 4), "count": int(len(bad))}
-
-
-def peak_memory(device: str) -> dict:
-    """Peak memory so far: CUDA max_memory_allocated on a GPU (reset per side), else the process's
-    peak resident set size (cumulative over the process: the later side includes the earlier)."""
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return {"device": device, "kind": "cuda_max_memory_allocated", "bytes": int(torch.cuda.max_memory_allocated())}
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    scale = 1 if os.uname().sysname == "Darwin" else 1024
-    return {"device": "cpu", "kind": "process_peak_rss", "bytes": int(rss * scale)}
 
 
 # --- TEST HOOK -------------------------------------------------------------------------------
@@ -255,30 +217,24 @@ class FaultInjector:
 # --- end of TEST HOOK ------------------------------------------------------------------------
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
-def _is_checkpoint_error(e: Exception) -> bool:
-    """Exceptions from from_pretrained that mean a bad or unreachable checkpoint, not an engine bug."""
-    if isinstance(e, (OSError, ValueError, KeyError)) or type(e).__name__ == "SafetensorError":
-        return True
-    return isinstance(e, RuntimeError) and any(m in str(e) for m in ("size mismatch", "ignore_mismatched_sizes", "Error(s) in loading"))
-
-
 class Run:
     """One ``parity run`` invocation."""
 
-    def __init__(self, prompts_path: Path, recipe: Recipe, out: Path, command: str = "", progress: Progress | None = None):
+    def __init__(self, prompts_path: Path, recipe: Recipe, out: Path, command: str = "", progress: Progress | None = None,
+                 refresh_reference: bool = False):
         self.prompts_path = Path(prompts_path)
         self.recipe = recipe
         self.out = Path(out)
         self.command = command
         self.progress = progress or (lambda *event: None)
         self.tol = recipe.tolerance()
+        self.refresh_reference = refresh_reference
+        self.cache = None  # parity.refcache.ReferenceCache, when the reference can be cached
+        self.freeze_heap = False  # the CLI sets it: see EngineHost
+        self.prompt_format: str | None = None  # "text" | "jsonl" | None (by extension)
+        self.recipe_digest: str | None = None  # set by execute; seals each result to its recipe and traces
 
-    def execute(self, force: bool = False, resume: bool = False) -> dict:
+    def execute(self, force: bool = False, resume: bool = False) -> Summary:
         """Run everything; returns the summary (also written to summary.json).
 
         Raises BadInput (exit 2) for bad input, found before anything is written where possible;
@@ -286,7 +242,11 @@ class Run:
         Ctrl-C. Mid-run, summary.json is written first in every case.
         """
         fault = parse_fault(os.environ.get(FAULT_ENV))
-        prompts = load_prompts(self.prompts_path)
+        faults.check()
+        prompts = load_prompts(self.prompts_path, fmt=self.prompt_format)
+        from parity.refclip import check_prompts
+
+        check_prompts(prompts, None, self.prompts_path)  # reference clips, before anything else (again with the model type in preflight)
         previous = check_out_dir(self.out, force, resume)
         model_dir = resolve_model(self.recipe.model, self.recipe.model_seed)
         meta = {
@@ -296,52 +256,157 @@ class Run:
             "environment": fingerprint(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "sides": dict((previous or {}).get("sides") or {}),
         }
+        if not isinstance(meta["sides"], dict) or not all(isinstance(v, dict) for v in meta["sides"].values()):
+            meta["sides"] = {}
         if fault:
             meta["test_fault"] = os.environ[FAULT_ENV]
+        if os.environ.get(faults.ENV):
+            meta["test_fault_at"] = os.environ[faults.ENV]
         if previous is not None:
             check_resumable(previous, meta, self.out)
-        self._checked = preflight(prompts, self.recipe, model_dir, self.prompts_path)
+        self.host = EngineHost(self.recipe, model_dir, prompts, self.prompts_path, freeze_heap=self.freeze_heap)
+        self.host.preflight()
         # Scorers load before any engine, so a missing UTMOS checkpoint is refused up front.
         self.scorers = scoring.load_scorers(self.recipe.mos.scorers, self.recipe.mos.utmos_checkpoint)
-        engines = {role: self._make(getattr(self.recipe, role), model_dir, role) for role in ("reference", "candidate")}
+        engines = {role: self.host.make(getattr(self.recipe, role), role) for role in ("reference", "candidate")}
+        self.recipe_digest = digest.recipe_digest(meta["recipe"], meta["prompts_digest"])
+        make_out_dir(self.out)
+        with outdir.RunLock(self.out, self.command):
+            return self._execute_locked(prompts, meta, engines, model_dir, fault, force, resume)
+
+    def _execute_locked(self, prompts: list[Prompt], meta: dict, engines: dict[str, Engine], model_dir, fault,
+                        force: bool, resume: bool) -> Summary:
+        """The part of a run that writes into --out (the lock is held). From here on every failure
+        ends the same way: summary.json with the finished prompts, then the failure's exit code."""
         prepare_out_dir(self.out, force, resume)
         todo = [p for p in prompts if not (resume and self._finished(p))]
-        write_json(self.out / "run.json", meta)
-        self.peak: dict[str, dict] = {}
+        self.cache = self._reference_cache(model_dir, fault)
+        meta["reference_cache"] = {"dir": str(self.cache.root)} if self.cache else {"off": self._cache_off_reason(model_dir, fault)}
+        meta["cpu_threads"] = torch.get_num_threads()
+        self.peak = self.host.peak
         failure: BaseException | None = None
         try:
+            write_json(self.out / "run.json", meta)
+            faults.point("before_load")
             self._run_sides(todo, engines, meta, prompts, model_dir, fault)
         except (Exception, KeyboardInterrupt) as e:  # keep what finished, mark the rest, then report
             failure = e
+        if self.cache is not None:
+            meta["reference_cache"].update(self.cache.summary())
+        meta["engine_load_s"] = dict(self.host.load_seconds)
         summary = self.write_summary(prompts, meta, failure)
+        writing = failure is None and self.output_failure is not None
+        failure = failure or self.output_failure
         if isinstance(failure, (BadInput, KeyboardInterrupt)):
             raise failure
+        saved = f"{summary.counts['ran']} of {len(prompts)} prompts finished and are saved in {self.out}"
+        if writing and not outdir.is_no_space(failure) and not isinstance(failure, outdir.OutOfSpace):
+            missing = ", ".join(summary.extra.get("missing_outputs") or []) or "an output"
+            raise EngineFailure(f"writing {missing} failed: {_one_line(failure)}; {saved}; `parity report {self.out}` "
+                                "writes the report again")
+        if isinstance(failure, outdir.OutOfSpace) or outdir.is_no_space(failure):
+            # The count and the way out first: a long path in the cause may be shortened on the console.
+            raise outdir.OutOfSpace(f"disk full or not writable; {saved}; free some space and rerun with --resume "
+                                    f"({_one_line(failure)})") from None
         if failure is not None:
-            raise EngineFailure(f"engine failed: {_one_line(failure)}; {summary['counts']['ran']} of "
-                                f"{len(prompts)} prompts finished and are saved in {self.out}; rerun with --resume") from failure
+            raise EngineFailure(f"engine failed: {_one_line(failure)}; {saved}; rerun with --resume") from failure
         return summary
 
-    def _make(self, side, model_dir, role: str) -> Engine:
-        """Instantiate (not load) an engine, so an unusable side is refused before any work."""
-        try:
-            return make_engine(side, model_dir)
-        except ImportError as e:
-            raise BadInput(f"[{role}] engine '{side.engine}' is not available ({_one_line(e)}); install it or pick another engine") from None
+    def _cache_off_reason(self, model_dir, fault) -> str:
+        if fault and fault[0] == "reference":
+            return f"{FAULT_ENV} targets the reference"
+        if local_checkpoint(model_dir) is None:
+            return "the checkpoint is not downloaded yet (its weights digest is unknown)"
+        return "PARITY_REFERENCE_CACHE=off"
+
+    def _reference_cache(self, model_dir, fault):
+        """The reference-trace cache for this run, or None: off for a test fault on the reference,
+        for a hub id not downloaded yet (nothing to digest) and with PARITY_REFERENCE_CACHE=off."""
+        from parity.engines.registry import available
+        from parity.refcache import ReferenceCache, cache_dir
+
+        directory = local_checkpoint(model_dir)
+        if (fault and fault[0] == "reference") or directory is None or os.environ.get("PARITY_REFERENCE_CACHE") == "off":
+            return None
+        side = self.recipe.reference
+        if not str(side.device).startswith("cuda"):
+            self.host.set_cpu_threads()  # the thread count is part of the key
+        seeds = self.recipe.mos.seeds if self.recipe.mos.scorers else 1
+        return ReferenceCache(cache_dir(), directory, side, self.recipe.decoding, seeds, available()[side.engine].target)
 
     def _finished(self, p: Prompt) -> bool:
         """A prompt a previous run finished: a readable result and all its traces and audio."""
         files = [f"traces/{p.id}.{n}.{ext}" for n in ("reference", "candidate.forced", "candidate.free") for ext in ("safetensors", "json")]
-        files += [f"audio/{p.id}.reference.wav", f"audio/{p.id}.candidate.wav", f"points/{p.id}.csv.gz"]
-        return self._read_result(p) is not None and all((self.out / f).is_file() for f in files)
+        files += [f"audio/{p.id}.reference.wav", f"audio/{p.id}.candidate.wav", f"points/{p.id}.csv.gz", f"points/{p.id}.measured.json"]
+        # Files first: a prompt with a trace missing runs again (its result's digest, which covers
+        # the traces, could not match and must not make the resume fail).
+        return all((self.out / f).is_file() for f in files) and self._read_result(p) is not None
 
     def _read_result(self, p: Prompt) -> dict | None:
-        """results/<id>.json if it is a complete result of this prompt, else None."""
+        """results/<id>.json if it is a complete result of this prompt, else None. A result whose
+        digest does not match its traces and this run's recipe is refused (BadInput): it was
+        edited or does not belong here."""
+        path = self.out / "results" / f"{p.id}.json"
         try:
-            result = json.loads((self.out / "results" / f"{p.id}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            result = limits.read_json(path, "result")
+        except BadInput:  # missing, truncated or unreadable: the prompt runs again
             return None
         ok = isinstance(result, dict) and result.get("id") == p.id and result.get("status") == "ok"
-        return result if ok else None
+        if not ok:
+            return None
+        readback.check_result(result, f"'{path}'")
+        recipe_id = self.recipe_digest
+        if recipe_id is not None and not digest.verify(result, self.out, recipe_id):
+            raise BadInput(f"'{path}' does not match its traces and recipe (its digest differs: edited by hand or from "
+                           f"another run); delete it to recompute that prompt, or pass --force to start over")
+        return result
+
+    def _reference_side(self, prompts: list[Prompt], engine: Engine, meta: dict, all_prompts: list[Prompt], fault,
+                        index: dict[str, int]) -> tuple[dict[str, Trace], dict[str, list], Exception | None]:
+        """The reference over all prompts, from the cache where it holds them. The model loads
+        only on the first prompt the cache lacks. Returns (traces, audio, the failure if any)."""
+        ref_traces: dict[str, Trace] = {}
+        ref_audio: dict[str, list[tuple[np.ndarray, int]]] = {}
+        loaded: Engine | None = None
+        try:
+            for i, p in enumerate(prompts):
+                hit = None
+                if self.cache is not None and self.refresh_reference:
+                    self.cache.refreshed += 1
+                elif self.cache is not None:
+                    hit = self.cache.get(p)
+                if hit is not None:
+                    trace, clips = hit.trace, hit.audio
+                    meta["sides"].setdefault("reference", hit.describe)
+                else:
+                    if loaded is None:  # a load failure is not a prompt's: it propagates
+                        loaded = self._load(engine, "reference", fault, index)
+                        meta["sides"]["reference"] = loaded.describe()
+                    try:
+                        t0 = time.perf_counter()
+                        trace = loaded.run(p, self.recipe.decoding)
+                        trace.meta["seconds"] = time.perf_counter() - t0
+                        wav, sr = loaded.decode_audio(trace.codes)
+                        clips = [(wav, sr)] + self._extra_seeds(loaded, p, "reference")
+                    except BadInput as e:
+                        raise self._at(p, e) from None
+                    except Exception as e:  # finish the prompts before it on the candidate side, then fail
+                        return ref_traces, ref_audio, e
+                    trace.meta["reference_cache"] = {"hit": False}
+                    if self.cache is not None:
+                        trace.meta["reference_cache"]["key"] = self.cache.put(p, trace, clips, loaded.describe())
+                trace.meta["audio_nonfinite"] = first_nonfinite_sample(*clips[0])
+                trace.save(self.out / "traces", f"{p.id}.reference", tokens_only=self.recipe.traces == "tokens")
+                write_wav(self.out / "audio" / f"{p.id}.reference.wav", *clips[0])
+                for k, (wav, sr) in enumerate(clips[1:], start=1):
+                    write_wav(self.out / "audio" / f"{p.id}.reference.seed{k}.wav", wav, sr)
+                ref_traces[p.id], ref_audio[p.id] = trace, clips
+                self.progress("reference", i + 1, len(prompts), p.id)
+                faults.point("between")
+        finally:
+            if loaded is not None:
+                self._release(loaded, "reference")
+        return ref_traces, ref_audio, None
 
     def _run_sides(self, prompts: list[Prompt], engines: dict[str, Engine], meta: dict, all_prompts: list[Prompt],
                    model_dir, fault) -> None:
@@ -349,45 +414,26 @@ class Run:
         if not prompts:
             return
         index = {p.id: i for i, p in enumerate(all_prompts)}
-        ref_traces: dict[str, Trace] = {}
-        ref_audio: dict[str, list[tuple[np.ndarray, int]]] = {}
-        ref_failure: Exception | None = None
-        engine = self._load(engines["reference"], "reference", model_dir, all_prompts, fault, index)
-        meta["sides"]["reference"] = engine.describe()
-        try:
-            for i, p in enumerate(prompts):
-                try:
-                    t0 = time.perf_counter()
-                    trace = engine.run(p, self.recipe.decoding)
-                    trace.meta["seconds"] = time.perf_counter() - t0
-                    wav, sr = engine.decode_audio(trace.codes)
-                    ref_audio[p.id] = [(wav, sr)] + self._extra_seeds(engine, p, "reference")
-                except BadInput as e:
-                    raise self._at(p, e) from None
-                except Exception as e:  # finish the prompts before it on the candidate side, then fail
-                    ref_failure = e
-                    break
-                trace.meta["audio_nonfinite"] = first_nonfinite_sample(wav, sr)
-                trace.save(self.out / "traces", f"{p.id}.reference", tokens_only=self.recipe.traces == "tokens")
-                write_wav(self.out / "audio" / f"{p.id}.reference.wav", wav, sr)
-                ref_traces[p.id] = trace
-                self.progress("reference", i + 1, len(prompts), p.id)
-        finally:
-            self._release(engine, "reference")
+        ref_traces, ref_audio, ref_failure = self._reference_side(prompts, engines["reference"], meta, all_prompts, fault, index)
         done = [p for p in prompts if p.id in ref_traces]
-        truth_traces = self._run_truth(done, ref_traces, model_dir, meta) if self.recipe.truth is not None and done else {}
+        truth_traces = self._run_truth(done, ref_traces, meta) if self.recipe.truth is not None and done else {}
         if done:
-            engine = self._load(engines["candidate"], "candidate", model_dir, all_prompts, fault, index)
+            engine = self._load(engines["candidate"], "candidate", fault, index)
             meta["sides"]["candidate"] = engine.describe()
             write_json(self.out / "run.json", meta)
             try:
+                batched = self._run_batched(engine, done, ref_traces)
                 for i, p in enumerate(done):
                     ref = ref_traces.pop(p.id)
                     t0 = time.perf_counter()
                     try:
-                        forced = engine.run(p, self.recipe.decoding, force=ref)
+                        if batched is not None:  # decoded above, as rows of batches
+                            forced, free = batched["forced"][p.id], batched["free"][p.id]
+                        else:
+                            forced = engine.run(p, self.recipe.decoding, force=ref)
                         t1 = time.perf_counter()
-                        free = engine.run(p, self.recipe.decoding, record=False)
+                        if batched is None:
+                            free = engine.run(p, self.recipe.decoding, record=False)
                     except BadInput as e:
                         raise self._at(p, e) from None
                     t2 = time.perf_counter()
@@ -397,17 +443,46 @@ class Run:
                     forced.save(self.out / "traces", f"{p.id}.candidate.forced", tokens_only=self.recipe.traces == "tokens")
                     free.save(self.out / "traces", f"{p.id}.candidate.free")
                     write_wav(self.out / "audio" / f"{p.id}.candidate.wav", wav, sr)
-                    self._finish_prompt(p, ref, forced, free, {"reference_s": ref.meta["seconds"], "forced_s": t1 - t0, "free_s": t2 - t1},
-                                        truth_traces.pop(p.id, None), ref_audio.pop(p.id), cand_audio)
+                    timing = {"reference_s": ref.meta["seconds"], "forced_s": t1 - t0, "free_s": t2 - t1,
+                              "reference_cached": bool((ref.meta.get("reference_cache") or {}).get("hit"))}
+                    if batched is not None:
+                        timing.update(batched["timing"])
+                    self._finish_prompt(p, ref, forced, free, timing, truth_traces.pop(p.id, None), ref_audio.pop(p.id), cand_audio,
+                                        batch_other=batched["other"].get(p.id) if batched is not None else None)
                     self.progress("candidate", i + 1, len(done), p.id)
             finally:
                 self._release(engine, "candidate")
         if ref_failure is not None:
             raise ref_failure
 
+    def _run_batched(self, engine: Engine, prompts: list[Prompt], ref_traces: dict[str, Trace]) -> dict | None:
+        """With ``batch = N`` on the candidate: every prompt as a row of a batch of N, teacher-forced
+        on its own batch-1 reference trace, once more in a second arrangement (other position and
+        batch-mates: does the row depend on them?), and free-running. None without batching."""
+        from parity import batching
+
+        size = self.recipe.candidate.batch
+        if size <= 1:
+            return None
+        decoding = self.recipe.decoding
+        forces = {p.id: ref_traces[p.id] for p in prompts}
+        t0 = time.perf_counter()
+        try:
+            forced = batching.run_batched(engine, prompts, decoding, size, forces=forces)
+            t1 = time.perf_counter()
+            other = batching.run_batched(engine, prompts, decoding, size, forces=forces, second=True)
+            t2 = time.perf_counter()
+            free = batching.run_batched(engine, prompts, decoding, size, record=False)
+        except BadInput as e:
+            raise BadInput(f"{self.prompts_path}: batch = {size}: {e}") from None
+        t3 = time.perf_counter()
+        n = max(len(prompts), 1)
+        timing = {"forced_s": (t1 - t0) / n, "second_arrangement_s": (t2 - t1) / n, "free_s": (t3 - t2) / n, "per_prompt_share_of_batches": True}
+        return {"forced": forced, "other": other, "free": free, "timing": timing}
+
     def _extra_seeds(self, engine: Engine, p: Prompt, role: str) -> list[tuple[np.ndarray, int]]:
         """Free-running audio for seeds decoding.seed + 1 .. + (mos.seeds - 1), when sampling
-        (greedy decoding gives the same audio for every seed). Each WAV is kept under audio/."""
+        (greedy decoding gives the same audio for every seed). The caller writes each WAV under audio/."""
         decoding = self.recipe.decoding
         if not decoding.do_sample:
             return []
@@ -415,7 +490,8 @@ class Run:
         for k in range(1, self.recipe.mos.seeds):
             trace = engine.run(p, replace(decoding, seed=decoding.seed + k), record=False)
             wav, sr = engine.decode_audio(trace.codes)
-            write_wav(self.out / "audio" / f"{p.id}.{role}.seed{k}.wav", wav, sr)
+            if role != "reference":
+                write_wav(self.out / "audio" / f"{p.id}.{role}.seed{k}.wav", wav, sr)
             clips.append((wav, sr))
         return clips
 
@@ -424,107 +500,141 @@ class Run:
         where = f"{self.prompts_path}:{p.line}: prompt {p.id}"
         return e if str(e).startswith(str(self.prompts_path)) else BadInput(f"{where}: {e}")
 
-    def _load(self, engine: Engine, role: str, model_dir, prompts: list[Prompt], fault, index: dict[str, int]) -> Engine:
-        """Load one side; a checkpoint that does not load is bad input (exit 2), OOM is exit 3."""
-        device = str(getattr(engine, "device", "cpu"))
-        if device.startswith("cuda") and torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            engine.load()
-        except BaseException as e:
-            engine.close()  # free whatever a half-done load allocated
-            if isinstance(e, (BadInput, KeyboardInterrupt, torch.OutOfMemoryError, MemoryError)) or not _is_checkpoint_error(e):
-                raise
-            raise BadInput(f"[{role}] model '{self.recipe.model}' does not load ({_one_line(e)}); "
-                           "check the checkpoint (parity run --model DIR|HUB_ID|random:tiny)") from None
-        if not self._checked:  # a hub id: its files exist only now
-            self._checked = True
-            check_loaded_checkpoint(model_dir, prompts, self.recipe, self.prompts_path)
+    def _load(self, engine: Engine, role: str, fault, index: dict[str, int]) -> Engine:
+        """Load one side through the shared lifecycle (exit 2 for a checkpoint that does not
+        load, 3 for OOM); wrap it in the test hook's fault injector when PARITY_FAULT names it."""
+        faults.point("load")
+        engine = self.host.load(engine, role)
         if fault and fault[0] == role:
             return FaultInjector(engine, index, fault[1], fault[2])  # type: ignore[return-value]
         return engine
 
     def _release(self, engine: Engine, role: str) -> None:
         """Free a side's model before the next loads, and note its peak memory."""
-        device = str(getattr(engine, "device", "cpu"))
-        engine.close()
-        gc.collect()
-        self.peak[role] = peak_memory(device)
+        self.host.release(engine._engine if isinstance(engine, FaultInjector) else engine, role)
 
-    def _run_truth(self, prompts: list[Prompt], ref_traces: dict[str, Trace], model_dir, meta: dict) -> dict[str, Trace]:
+    def _run_truth(self, prompts: list[Prompt], ref_traces: dict[str, Trace], meta: dict) -> dict[str, Trace]:
         """The recipe's optional [truth] side, teacher-forced on the reference's codes like the candidate."""
-        engine = make_engine(self.recipe.truth, model_dir)
-        engine.load()
-        meta["sides"]["truth"] = engine.describe()
         traces: dict[str, Trace] = {}
-        try:
+        with self.host.loaded(self.recipe.truth, "truth") as engine:
+            meta["sides"]["truth"] = engine.describe()
             for p in prompts:
                 traces[p.id] = engine.run(p, self.recipe.decoding, force=ref_traces[p.id])
                 traces[p.id].save(self.out / "traces", f"{p.id}.truth", tokens_only=self.recipe.traces == "tokens")
-        finally:
-            self._release(engine, "truth")
         return traces
 
     def _finish_prompt(self, p: Prompt, ref: Trace, forced: Trace, free: Trace, timing: dict, truth: Trace | None = None,
                        ref_audio: list[tuple[np.ndarray, int]] | None = None,
-                       cand_audio: list[tuple[np.ndarray, int]] | None = None) -> None:
-        points = compare.point_frame(forced, ref, self.tol)
-        points.drop(columns=["finite"]).to_csv(self.out / "points" / f"{p.id}.csv.gz", index=False)
-        comparison = compare.summarize(points, forced, ref, free, self.tol)
-        if truth is not None:  # which side is further from the truth: "different" vs "worse"
-            comparison["truth"] = compare.compare_truth(forced, ref, truth, self.tol)
-        # compare.py flags NaN/inf on the candidate's hidden states; the reference's and both
-        # waveforms are checked here, and the no_nonfinite gate covers them too.
-        comparison["first_nonfinite_reference"] = first_nonfinite_point(ref)
-        comparison["nonfinite_audio"] = {"reference": ref.meta.get("audio_nonfinite"), "candidate": free.meta.get("audio_nonfinite")}
+                       cand_audio: list[tuple[np.ndarray, int]] | None = None, batch_other: Trace | None = None) -> None:
+        """Score both sides' audio and save what execute measured outside the traces
+        (points/<id>.measured.json), then judge the prompt with the same function ``parity
+        compare`` uses on the saved traces, and write points/<id>.csv.gz and results/<id>.json.
+        Voice cloning and batching add ``reference_clip`` (both sides' clip encodings compared)
+        and ``batch`` (where this row sat and what that did) to the result."""
         mos_result = scoring.score_pairs(getattr(self, "scorers", {}), ref_audio or [], cand_audio or [])
-        audio_timing = {}
-        if ref_audio and cand_audio:
-            audio_timing = scoring.audio_timing(ref_audio[0][0], cand_audio[0][0], ref_audio[0][1], comparison, self.recipe.mos.audible_db)
-        gate_results = gates_mod.evaluate(self.recipe.gates, comparison, self.recipe.mos, mos_result)
-        extra = [f"reference {gates_mod.where(comparison['first_nonfinite_reference'])}"] if comparison["first_nonfinite_reference"] else []
-        extra += [f"{side} audio at {bad['seconds']} s" for side, bad in comparison["nonfinite_audio"].items() if bad]
-        for g in gate_results:
-            if g.name == "no_nonfinite" and extra:
-                g.detail = ("" if g.passed else g.detail + "; ") + "NaN/inf in " + ", ".join(extra)
-                g.passed = False
-        result = {
-            "id": p.id, "text": p.text, "line": p.line, "speaker": p.speaker, "language": p.language,
-            "status": "ok", "comparison": comparison, "gates": [asdict(g) for g in gate_results],
-            "passed": all(g.passed for g in gate_results), "timing": timing,
-            "audio": {"reference": f"audio/{p.id}.reference.wav", "candidate": f"audio/{p.id}.candidate.wav"},
-            # Codebook-0 sequences (free-running), small enough to keep for token timelines.
-            "codebook0": {"reference": ref.codes[:, 0].tolist(), "candidate": free.codes[:, 0].tolist()},
-            "mos": mos_result,
-            **audio_timing,
-        }
-        write_json(self.out / "results" / f"{p.id}.json", result)
+        ref_wav, sr = (ref_audio or [(None, 24000)])[0]
+        cand_wav = (cand_audio or [(None, sr)])[0][0]
+        prompt = {"id": p.id, "text": p.text, "line": p.line, "speaker": p.speaker, "language": p.language}
+        audio = {"reference": f"audio/{p.id}.reference.wav", "candidate": f"audio/{p.id}.candidate.wav"} if ref_audio and cand_audio else {}
+        nonfinite_audio = {"reference": ref.meta.get("audio_nonfinite"), "candidate": free.meta.get("audio_nonfinite")}
+        measured = analysis.measure_audio(prompt, timing, mos_result, audio, nonfinite_audio, ref_wav, cand_wav, sr)
+        if batch_other is not None or forced.meta.get("batch"):
+            # Where this row sat in its batch and what a second arrangement did: the second
+            # arrangement's trace is not kept, so its report is a measurement, saved with the rest.
+            from parity import batching
 
-    def write_summary(self, prompts: list[Prompt], meta: dict, failure: BaseException | None = None) -> dict:
+            _, judged = analysis.comparison(analysis.PromptTraces(ref, forced, free, truth), self.tol, self.recipe)
+            measured.extra["batch"] = batching.row_report(forced, ref, batch_other, judged.to_json())
+        analysis.save_measured(self.out, p.id, measured)
+        points, result = analysis.judge(analysis.PromptTraces(ref, forced, free, truth), measured, self.recipe)
+        outdir.atomic_write_with(self.out / "points" / f"{p.id}.csv.gz",
+                                 lambda tmp: points.drop(columns=["finite"]).to_csv(tmp, index=False, compression="gzip"))
+        data = result.to_json()
+        data[digest.KEY] = digest.seal(data, self.out, self.recipe_digest or "")  # ties it to its traces and recipe
+        write_json(self.out / "results" / f"{p.id}.json", data)
+
+    def write_summary(self, prompts: list[Prompt], meta: dict, failure: BaseException | None = None) -> Summary:
         """Assemble summary.json (+ junit.xml, report.html) from the per-prompt results on disk.
-        Prompts without a complete result are listed with status ``not_run``."""
+        Prompts without a complete result are listed with status ``not_run``.
+
+        Never raises: a failure while writing junit.xml or report.html (a full disk, a signal) is
+        recorded in the summary and kept in ``self.output_failure``. summary.json is written last,
+        with signals held off, and says ``passed`` only when every output it lists exists."""
         from parity.report import html, junit
 
+        self.output_failure: BaseException | None = None
         results = []
         for p in prompts:
-            result = self._read_result(p)
-            results.append(result or {"id": p.id, "text": p.text, "line": p.line, "status": "not_run", "gates": [], "passed": False})
-        ran = [r for r in results if r["status"] == "ok"]
-        if isinstance(failure, KeyboardInterrupt):
-            failure_text = f"interrupted by {getattr(failure, 'signal_name', 'SIGINT')}"
-        else:
-            failure_text = None if failure is None else _one_line(failure)
-        summary = {
-            **meta,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "failure": failure_text,
-            "prompts": results,
-            "counts": {"prompts": len(results), "ran": len(ran), "passed": sum(r["passed"] for r in ran),
-                       "not_run": len(results) - len(ran)},
-            "passed": failure is None and len(ran) == len(results) and all(r["passed"] for r in ran),
-            "peak_memory": getattr(self, "peak", {}),
-        }
-        write_json(self.out / "summary.json", summary)
-        junit.write(summary, self.out / "junit.xml")
-        html.write(summary, self.out, self.out / "report.html")
+            try:
+                result = self._read_result(p)
+            except BadInput as e:
+                result, self.output_failure = None, self.output_failure or e
+            if result:  # the digest seals results/<id>.json to its traces; the summary does not repeat it
+                result = {k: v for k, v in result.items() if k != digest.KEY}
+            results.append(PromptResult.from_json(result) if result else PromptResult(p.id, p.text, p.line, "not_run", False))
+        summary = analysis.summarize(results, {**meta, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                                     _failure_text(failure), getattr(self, "peak", {}))
+        from parity.batching import summarize_rows
+
+        batch = summarize_rows([r.to_json() for r in results])
+        if batch is not None:
+            summary.extra["batch"] = batch
+        summary.extra["outputs"] = list(OUTPUTS)
+        for name in OUTPUTS[1:]:  # an old report must not stand in for this run's
+            try:
+                (self.out / name).unlink(missing_ok=True)
+            except OSError:
+                pass
+
+        def report() -> None:
+            faults.point("report")
+            html.write(summary, self.out, self.out / "report.html")
+
+        for name, write in (("junit.xml", lambda: junit.write(summary, self.out / "junit.xml")), ("report.html", report)):
+            try:
+                write()
+            except (Exception, KeyboardInterrupt) as e:
+                self.output_failure = self.output_failure or e
+                if summary.failure is None:
+                    summary.failure = f"writing {name} failed: {_failure_text(e)}"
+        missing = [name for name in OUTPUTS[1:] if not (self.out / name).is_file()]
+        if missing or self.output_failure is not None:
+            summary.passed = False
+            summary.extra["missing_outputs"] = missing
+        try:
+            with _signals_held():
+                write_json(self.out / "summary.json", summary.to_json())
+        except (Exception, KeyboardInterrupt) as e:
+            self.output_failure = self.output_failure or e
         return summary
+
+
+OUTPUTS = ("summary.json", "junit.xml", "report.html")
+
+
+def _failure_text(failure: BaseException | None) -> str | None:
+    if failure is None:
+        return None
+    if isinstance(failure, KeyboardInterrupt):
+        return f"interrupted by {getattr(failure, 'signal_name', 'SIGINT')}"
+    return _one_line(failure)
+
+
+class _signals_held:
+    """Hold SIGINT/SIGTERM off for a short critical write (delivered right after); a no-op off the
+    main thread or where the platform lacks it."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self._mask = None
+        if hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread():
+            self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)

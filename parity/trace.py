@@ -7,7 +7,9 @@ Layout (S talker steps, F frames, L talker layers, P predictor layers; S == F + 
 - frame s's codes 1..15 come from the 15 code-predictor sub-steps of frame s (sub-step 0 is the
   2-token prefill [talker hidden, codebook-0 embedding]);
 - hidden points are ``embed`` (the input of layer 0) followed by each decoder layer's output, all
-  at the last position.
+  at the last position;
+- voice cloning: ``ref_codes`` [T, 16] is the reference clip as the engine's codec encoder coded
+  it (ICL mode; empty otherwise) and ``ref_speaker`` [D] its speaker embedding (empty without a clip).
 
 Tensors are saved with safetensors (never pickle); the rest goes into a small JSON file.
 """
@@ -15,17 +17,26 @@ Tensors are saved with safetensors (never pickle); the rest goes into a small JS
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from parity.layout import TraceLayout
+
+# Bump when what a saved trace means changes (fields, layout, storage): cached reference traces
+# of another version are never reused.
+TRACE_FORMAT_VERSION = 2
+from parity import strictjson
 
 TENSOR_FIELDS = (
     "talker_hidden", "talker_logits", "talker_tokens", "talker_choice",
     "codes", "pred_hidden", "pred_logits", "pred_choice",
 )
+CLIP_FIELDS = ("ref_codes", "ref_speaker")  # the reference clip's encoding (voice cloning); small, always kept
 
 FLOAT_FIELDS = ("talker_hidden", "talker_logits", "pred_hidden", "pred_logits")
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,6 +64,8 @@ class Trace:
     pred_logits: torch.Tensor  # [F, 15, Vp] float32
     pred_choice: torch.Tensor  # [F, 15] long, the engine's own choices
     meta: dict = field(default_factory=dict)
+    ref_codes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 16, dtype=torch.long))  # [T, 16]
+    ref_speaker: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [D] float32
 
     @property
     def n_frames(self) -> int:
@@ -61,6 +74,18 @@ class Trace:
     @property
     def n_steps(self) -> int:
         return int(self.talker_tokens.shape[0])
+
+    @property
+    def layout(self) -> "TraceLayout":
+        """The layout the engine declared (``meta["layout"]``), else read off the tensors' shapes."""
+        from parity.layout import TraceLayout, qwen3_tts_layout
+
+        if isinstance(self.meta.get("layout"), dict):
+            return TraceLayout.from_json(self.meta["layout"])
+        codebooks = int(self.codes.shape[1]) if self.codes.dim() == 2 and self.codes.shape[1] else int(self.pred_choice.shape[-1]) + 1
+        talker_layers = int(self.talker_hidden.shape[1]) - 1 if self.talker_hidden.dim() == 3 else 0
+        pred_layers = int(self.pred_hidden.shape[2]) - 1 if self.pred_hidden.dim() == 4 else 0
+        return qwen3_tts_layout(talker_layers, pred_layers, codebooks)
 
     @property
     def forced(self) -> bool:
@@ -82,18 +107,21 @@ class Trace:
             if k in FLOAT_FIELDS:
                 t = torch.zeros(0) if tokens_only else _narrow(t, storage)
             tensors[k] = t.contiguous()
-        tmp = directory / f".{name}.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, directory / f"{name}.safetensors")
+        for k in CLIP_FIELDS:
+            tensors[k] = getattr(self, k).contiguous()
+        from parity.outdir import atomic_write_text, atomic_write_with
+
+        atomic_write_with(directory / f"{name}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
         meta = {**self.meta, "stored": "tokens" if tokens_only else "full"}
-        tmp_json = directory / f".{name}.json.tmp"
-        tmp_json.write_text(json.dumps(meta, indent=1, default=str))
-        os.replace(tmp_json, directory / f"{name}.json")
+        atomic_write_text(directory / f"{name}.json", strictjson.dumps(meta, indent=1))
 
     @classmethod
     def load(cls, directory: str | Path, name: str) -> "Trace":
         """Read a trace written by :meth:`save`."""
+        from parity import limits
+
         directory = Path(directory)
         tensors = load_file(str(directory / f"{name}.safetensors"))
-        meta = json.loads((directory / f"{name}.json").read_text())
-        return cls(**{k: tensors[k].float() if k in FLOAT_FIELDS else tensors[k] for k in TENSOR_FIELDS}, meta=meta)
+        meta = limits.read_json(directory / f"{name}.json", "trace metadata")
+        clip = {k: tensors[k] for k in CLIP_FIELDS if k in tensors}  # traces written before voice cloning lack them
+        return cls(**{k: tensors[k].float() if k in FLOAT_FIELDS else tensors[k] for k in TENSOR_FIELDS}, meta=meta, **clip)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from parity.bisect import Outcome, Runner, Search, bisect, exit_code, find_factors
+from parity.results import Divergence
 from parity.errors import BadInput
 from parity.recipe import Decoding, Recipe, Side
 from parity.variants import parse
@@ -36,8 +37,7 @@ def fake_search(diverges, ref: Side = REF, cand: Side = CAND8, counts=None, flak
             d = False
         search_runs.append((purpose, tuple(names), layers))
         return Outcome(len(search_runs), purpose, list(names), side.label(), d,
-                       first_divergence={"component": "talker", "step": 0, "substep": -1, "layer": 0,
-                                         "point": "layer0", "rel_l2": 0.1} if d else None,
+                       first_divergence=Divergence("talker", 0, -1, 0, "layer0", rel_l2=0.1) if d else None,
                        max_rel_l2=0.1 if d else 0.0)
 
     search_runs: list = []

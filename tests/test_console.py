@@ -1,5 +1,5 @@
 """The console at 80 columns, the run overview behind it and the report's first screen, and the
-off-terminal progress lines: all from summary dicts (no engine runs here)."""
+off-terminal progress lines: all from summary records built from JSON (no engine runs here)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from parity.report import html
 from parity.report.console import closing_line, print_summary
 from parity.report.overview import overview, short_where
 from parity.report.progress import Progress
+from parity.results import Divergence, Flip, Summary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,8 +28,8 @@ def _prompt(pid: str, first: dict | None, passed: bool, agreement: float, hints=
         "comparison": {
             "first_divergence": first, "max_rel_l2": 0.02, "points_compared": 10, "points_over": 1,
             "first_flip": {"component": "predictor", "step": 4, "substep": 10, "layer": -1, "point": "logits",
-                           "ref_token": 1, "cand_token": 2, "cand_margin": 0.031, "ref_margin": 0.001,
-                           "logit_noise": 0.002, "near_tie": True},
+                           "ref_token": 1, "cand_token": 2, "ref_rank_in_cand": 1, "cand_margin": 0.031, "ref_margin": 0.001,
+                           "logit_error": 0.05, "logit_noise": 0.002, "near_tie": True},
             "free_run": {"agreement": agreement, "codebook0_agreement": agreement, "first_diff_frame": 3},
             "ref_frames": 24, "length_diff": 0, "hints": hints if hints is not None else [],
         },
@@ -40,11 +41,17 @@ def _prompt(pid: str, first: dict | None, passed: bool, agreement: float, hints=
 
 TALK = {"component": "talker", "step": 1, "substep": -1, "layer": 0, "point": "layer0", "rel_l2": 0.0035}
 PRED = {"component": "predictor", "step": 0, "substep": 10, "layer": 1, "point": "layer1", "rel_l2": 0.02}
-HINT = {"signature": "enters_at_first_decode", "text": "hint: the single-token decode path differs",
-        "evidence": "talker step 0 bit-identical"}
+HINT = {"class": "enters_at_layer", "label": "hint", "text": "enters at layer 0 of the first decode step: the single-token "
+        "decode path differs", "evidence": {"rel_l2": 0.0035, "earlier_steps_max_rel_l2": 0.0}}
+
+
+def record(prompts: list[dict], model: str = "random:tiny") -> Summary:
+    """The typed record the console and the overview read."""
+    return Summary.from_json(summary(prompts, model))
 
 
 def summary(prompts: list[dict], model: str = "random:tiny") -> dict:
+    """summary.json's content (what the HTML report renders)."""
     return {
         "model": model, "tolerance": 1e-3, "prompts": prompts, "passed": all(p["passed"] for p in prompts),
         "counts": {"prompts": len(prompts), "ran": len(prompts), "passed": sum(p["passed"] for p in prompts), "not_run": 0},
@@ -56,54 +63,56 @@ def summary(prompts: list[dict], model: str = "random:tiny") -> dict:
 
 
 def test_short_labels_are_distinct_and_stable():
-    assert short_where(TALK) == "talk s1 L0"
-    assert short_where(PRED) == "pred f0.s10 L1"
-    assert short_where({**PRED, "substep": 1}) == "pred f0.s1 L1"  # 'predictor 0.1' and '0.10' looked alike
-    assert short_where({**TALK, "step": 0, "layer": -1, "point": "embed"}) == "talk s0 emb"
+    assert short_where(Divergence.from_json(TALK)) == "talk s1 L0"
+    assert short_where(Divergence.from_json(PRED)) == "pred f0.s10 L1"
+    assert short_where(Divergence.from_json({**PRED, "substep": 1})) == "pred f0.s1 L1"  # 'predictor 0.1' and '0.10' looked alike
+    assert short_where(Divergence.from_json({**TALK, "step": 0, "layer": -1, "point": "embed"})) == "talk s0 emb"
+    flip = Flip.from_json(_prompt("p", None, True, 1.0)["comparison"]["first_flip"])
+    assert short_where(flip) == "pred f4.s10"
 
 
 def test_overview_counts_where_and_takes_the_leading_hint():
     prompts = [_prompt(f"p{i:02d}", TALK, False, 0.9, [HINT]) for i in range(15)]
     prompts += [_prompt(f"q{i}", PRED, False, 0.9, []) for i in range(2)] + [_prompt("r0", None, True, 1.0)]
-    o = overview(summary(prompts))
+    o = overview(record(prompts))
     assert o.where[0] == ("talker step 1 layer0", 15) and o.where_short[1] == ("pred f0.s10 L1", 2)
     assert o.within == 1 and o.ran == 18
-    assert o.why.startswith("hint: the single-token decode path differs") and "(15/18 prompts)" in o.why
-    assert o.why_evidence == ["talker step 0 bit-identical"]
+    assert o.why.startswith("enters at layer 0 of the first decode step") and "(15/18 prompts; the numbers are p00's)" in o.why
+    assert o.why_evidence == ["p00's evidence: rel l2 0.0035, earlier steps max rel l2 0"]
 
 
 def test_overview_without_hints_and_with_a_bisect():
     prompts = [_prompt("p0", TALK, False, 0.9, [])]
-    assert overview(summary(prompts)).why is None
+    assert overview(record(prompts)).why is None
     bisect = {"verdict": "culprit: kv_quant=int8 (proof holds)", "proof": {
         "culprits_alone": {"run": 7, "purpose": "proof", "factors": ["kv_quant=int8"], "side": "x", "diverges": True,
                            "first_divergence": TALK, "max_rel_l2": 0.03},
         "candidate_without": {"run": 8, "purpose": "proof", "factors": [], "side": "x", "diverges": False, "max_rel_l2": 1e-6},
         "candidate_without_is_reference": False, "holds": True}}
-    o = overview(summary(prompts), bisect)
+    o = overview(record(prompts), bisect)
     assert o.why_source == "bisect" and "kv_quant=int8" in o.why
     assert any("run 7" in e for e in o.why_evidence) and any("run 8" in e and "parity" in e for e in o.why_evidence)
 
 
 def test_overview_explains_an_empty_audible_from_and_names_the_scorer():
-    o = overview(summary([_prompt("p0", TALK, True, 0.2)]))
+    o = overview(record([_prompt("p0", TALK, True, 0.2)]))
     assert "no 80 ms segment" in o.audible and "6 dB" in o.audible
     assert "DNSMOS" in o.mos and "-0.100" in o.mos
     assert o.low_agreement == ["p0"]
     assert any("random weights" in w for w in o.warnings)
-    assert not overview(summary([_prompt("p0", TALK, True, 0.2)], model="Qwen/x")).warnings
+    assert not overview(record([_prompt("p0", TALK, True, 0.2)], model="Qwen/x")).warnings
 
 
 def test_console_fits_80_columns_with_hints_audio_and_closing_line():
     prompts = [_prompt("p000", PRED, True, 0.023), _prompt("p001", TALK, False, 0.9, [HINT]), _prompt("p002", None, True, 1.0)]
     buf = io.StringIO()
-    print_summary(summary(prompts), Console(file=buf, width=80, force_terminal=False, color_system=None), seconds=24.2)
+    print_summary(record(prompts), Console(file=buf, width=80, force_terminal=False, color_system=None), seconds=24.2)
     text = buf.getvalue()
     lines = text.splitlines()
     assert max(len(line) for line in lines) <= 80, text
     row = next(line for line in lines if line.startswith("p000"))
     assert "pred f0.s10 L1" in row and "pass !" in row and "2.3%" in row and "0.031 tie" in row
-    assert any(line.startswith("p001: hint: the single-token decode path differs") for line in lines)
+    assert any(line.startswith("p001: hint: enters at layer 0 of the first decode step") for line in lines)
     assert not any(line.startswith("p000: hint") for line in lines)  # hints only under failing prompts
     assert any(line.startswith("audio: ΔMOS -0.100") for line in lines)
     assert "reference: reference" not in text
@@ -113,9 +122,8 @@ def test_console_fits_80_columns_with_hints_audio_and_closing_line():
 def test_closing_line_counts_not_run():
     s = summary([_prompt("a", None, True, 1.0)])
     s["prompts"].append({"id": "b", "status": "not_run", "passed": False, "gates": []})
-    s["counts"]["not_run"] = 1
     s["passed"] = False
-    assert closing_line(s, 3.4)[0] == "1 passed, 1 not run in 3 s"
+    assert closing_line(Summary.from_json(s), 3.4)[0] == "1 passed, 1 not run in 3 s"
 
 
 def test_report_first_screen_answers_where_why_and_whether_it_matters(tmp_path):
@@ -124,7 +132,7 @@ def test_report_first_screen_answers_where_why_and_whether_it_matters(tmp_path):
     text = html.render(summary(prompts), tmp_path)
     first = text[:text.index('id="prompts"')]
     assert "15/18" in first and "talker step 1 layer0" in first
-    assert "the single-token decode path differs" in first and "talker step 0 bit-identical" in first
+    assert "the single-token decode path differs" in first and "earlier steps max rel l2 0" in first
     assert "DNSMOS" in first and "no 80 ms segment" in first and "random weights" in first
     # the one-step bisect command: the run's own command, run-only options dropped, --out the run
     assert "parity bisect prompts.txt --recipe r.toml --out runs/x</code>" in first

@@ -20,19 +20,26 @@ def _pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
-def _direct_requirements() -> list[Requirement]:
+# Each lock and the extras it pins: requirements.lock is the tested set (what CI and the GPU
+# machine install); requirements-dev.lock adds the development tools on top of it.
+LOCKS = {"requirements.lock": ("test",), "requirements-dev.lock": ("test", "dev")}
+
+
+def _direct_requirements(extras: tuple[str, ...] | None = None) -> list[Requirement]:
+    """The project's dependencies plus those of ``extras`` (every extra when None)."""
     project = _pyproject()["project"]
     reqs = [Requirement(r) for r in project["dependencies"]]
-    for extra in project.get("optional-dependencies", {}).values():
-        reqs += [Requirement(r) for r in extra]
+    for name, extra in project.get("optional-dependencies", {}).items():
+        if extras is None or name in extras:
+            reqs += [Requirement(r) for r in extra]
     return reqs
 
 
-def _lock() -> dict[str, list[tuple[str, str | None]]]:
-    """name -> [(version, marker or None)] from requirements.lock (a universal lock may list a
+def _lock(name: str = "requirements.lock") -> dict[str, list[tuple[str, str | None]]]:
+    """name -> [(version, marker or None)] from a lock file (a universal lock may list a
     package once per Python range)."""
     entries: dict[str, list[tuple[str, str | None]]] = {}
-    for line in (REPO / "requirements.lock").read_text().splitlines():
+    for line in (REPO / name).read_text().splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -49,23 +56,29 @@ def test_breakers_are_pinned_exactly():
         assert len(spec) == 1 and spec[0].operator == "==" and "*" not in spec[0].version, (name, str(reqs[name]))
 
 
-def test_lock_names_the_command_that_regenerates_it():
-    head = (REPO / "requirements.lock").read_text().splitlines()[:3]
-    assert any(re.search(r"uv pip compile pyproject\.toml .*-o requirements\.lock", line) for line in head), head
+def test_every_extra_has_a_lock():
+    assert set(_pyproject()["project"]["optional-dependencies"]) == {e for extras in LOCKS.values() for e in extras}
 
 
+@pytest.mark.parametrize("lock_name", LOCKS)
+def test_lock_names_the_command_that_regenerates_it(lock_name):
+    head = (REPO / lock_name).read_text().splitlines()[:3]
+    assert any(re.search(rf"uv pip compile pyproject\.toml .*-o {re.escape(lock_name)}", line) for line in head), head
+
+
+@pytest.mark.parametrize("lock_name", LOCKS)
 @pytest.mark.parametrize("python", ["3.11", "3.12"])
-def test_every_direct_dependency_is_locked_at_an_allowed_version(python):
+def test_every_direct_dependency_is_locked_at_an_allowed_version(python, lock_name):
     """The lock and pyproject agree, on each supported Python: every direct dependency has exactly
     one lock entry that applies there, and pyproject allows its version."""
-    lock = _lock()
+    lock = _lock(lock_name)
     env = {**default_environment(), "python_version": python, "python_full_version": f"{python}.0",
            "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
-    for req in _direct_requirements():
+    for req in _direct_requirements(LOCKS[lock_name]):
         if req.marker is not None and not req.marker.evaluate(env):
             continue
         entries = lock.get(req.name.lower())
-        assert entries, f"{req.name} is missing from requirements.lock"
+        assert entries, f"{req.name} is missing from {lock_name}"
         applying = [v for v, marker in entries if marker is None or Requirement(f"x; {marker}").marker.evaluate(env)]
         assert len(applying) == 1, (req.name, python, entries)
         assert req.specifier.contains(applying[0], prereleases=True), (req.name, applying[0], str(req.specifier))
@@ -147,3 +160,11 @@ def test_cli_refuses_a_simulated_mismatch_in_one_line(command, monkeypatch, capf
     assert "torchaudio 2.11.1" in text and "torch 2.11.0" in text and "pip install torch==2.11.0 torchaudio==2.11.0" in text
     if command[0] != "env":
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_dev_lock_extends_the_tested_lock():
+    """requirements-dev.lock is compiled against requirements.lock: every tested pin is in it,
+    unchanged (regenerate it with the command at its top whenever requirements.lock changes)."""
+    tested, dev = _lock("requirements.lock"), _lock("requirements-dev.lock")
+    missing = {name: pins for name, pins in tested.items() if sorted(dev.get(name, []), key=str) != sorted(pins, key=str)}
+    assert not missing, f"requirements-dev.lock differs from requirements.lock for {missing}"

@@ -216,8 +216,8 @@ def test_utmos_missing_path(tmp_path):
         get_scorer("utmos", checkpoint=str(tmp_path / "nope.pt"))
 
 
-def test_utmos_directory_without_hubconf(tmp_path):
-    with pytest.raises(BadInput, match="no hubconf.py"):
+def test_utmos_directory_without_weights(tmp_path):
+    with pytest.raises(BadInput, match="holds no .pt/.pth/.safetensors file"):
         get_scorer("utmos", checkpoint=str(tmp_path))
 
 
@@ -237,12 +237,12 @@ def test_utmos_refuses_pickled_objects_without_running_them(tmp_path):
     assert not marker.exists()
 
 
-def test_tarepan_state_dict_asks_for_the_clone(tmp_path):
+def test_tarepan_state_dict_is_refused_without_running_a_clone(tmp_path):
     import torch
 
     path = tmp_path / "utmos22_strong_step7459_v1.pt"
     torch.save({"wav2vec2.layer_norm.weight": torch.ones(2), "blstm.weight_ih_l0": torch.ones(2)}, path)
-    with pytest.raises(BadInput, match="tarepan/SpeechMOS clone"):
+    with pytest.raises(BadInput, match="tarepan/SpeechMOS state dict.*never does"):
         get_scorer("utmos", checkpoint=str(path))
 
 
@@ -337,7 +337,7 @@ def utmos_scorers(utmos_files, dnsmos) -> dict:
     """Each layout loaded once, after Microsoft's speechmos is imported (the name-clash case)."""
     return {
         layout: get_scorer("utmos", checkpoint=str(utmos_files[layout]))
-        for layout in ("state-dict", "safetensors", "torchscript", "hub")
+        for layout in ("state-dict", "safetensors")
     }
 
 
@@ -347,25 +347,35 @@ def test_utmos_every_layout_loads_and_gives_the_same_score(utmos_scorers, probe_
         result = call_with_timeout(score_clip, scorer, probe_clip, 16000)
         assert result.ok, f"{layout}: {result.error}"
         scores[layout] = result.scores["utmos"]
-    # All four hold the same weights: a wrong conditioning or scale in any path would show here.
+    # Both hold the same weights: a wrong conditioning or scale in any path would show here.
     assert max(scores.values()) - min(scores.values()) < 1e-4, scores
 
 
 def test_utmos_layout_is_detected(utmos_scorers):
-    assert {k: s.layout for k, s in utmos_scorers.items()} == {
-        "state-dict": "state-dict",
-        "safetensors": "state-dict",
-        "torchscript": "torchscript",
-        "hub": "speechmos-hub",
-    }
-    assert utmos_scorers["hub"].path.name == mos.UTMOS_HUB_CHECKPOINT
+    assert {k: s.layout for k, s in utmos_scorers.items()} == {"state-dict": "state-dict", "safetensors": "state-dict"}
 
 
-def test_hub_clone_leaves_microsofts_speechmos_importable(utmos_scorers, utmos_files):
-    import speechmos
+def test_torchscript_and_clones_are_never_run(utmos_files, tmp_path):
+    """A TorchScript file is a program and a clone's hubconf.py is code: neither is run (issue 14)."""
+    with pytest.raises(BadInput, match="is a TorchScript program"):
+        get_scorer("utmos", checkpoint=str(utmos_files["torchscript"]))
+    clone = tmp_path / "clone"
+    shutil.copytree(utmos_files["hub"], clone)
+    marker = tmp_path / "ran"
+    (clone / "hubconf.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    with pytest.raises(BadInput):  # its weights are not a utmos-pytorch state dict
+        get_scorer("utmos", checkpoint=str(clone))
+    assert not marker.exists()
 
-    assert hasattr(speechmos, "dnsmos")
-    assert not Path(speechmos.__file__).is_relative_to(utmos_files["hub"])
+
+def test_a_directory_with_one_state_dict_loads_without_running_its_code(utmos_files, tmp_path):
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    shutil.copy(utmos_files["safetensors"], clone / "utmos.safetensors")
+    marker = tmp_path / "ran"
+    (clone / "hubconf.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    assert get_scorer("utmos", checkpoint=str(clone)).path == clone / "utmos.safetensors"
+    assert not marker.exists()
 
 
 def test_utmos_env_var_is_used(utmos_files, monkeypatch):
@@ -374,7 +384,7 @@ def test_utmos_env_var_is_used(utmos_files, monkeypatch):
 
 
 def test_utmos_rejects_clips_under_400_samples(utmos_scorers):
-    result = score_clip(utmos_scorers["torchscript"], np.full(399, 0.1), 16000)
+    result = score_clip(utmos_scorers["state-dict"], np.full(399, 0.1), 16000)
     assert "minimum 400 samples" in result.error
 
 
@@ -388,27 +398,7 @@ def test_utmos_rejects_mismatched_keys(utmos_files, variant, message):
     assert info.value.exit_code == 2
 
 
-def test_hub_clone_with_wrong_weights_is_rejected(utmos_files, tmp_path):
-    import torch
-
-    clone = tmp_path / "clone"
-    shutil.copytree(utmos_files["hub"], clone, ignore=shutil.ignore_patterns("*.pt"))
-    torch.save({"net.other.weight": torch.ones(2)}, clone / mos.UTMOS_HUB_CHECKPOINT)
-    with pytest.raises(BadInput, match="missing keys.*unexpected keys"):
-        get_scorer("utmos", checkpoint=str(clone))
-
-
-def test_hub_clone_without_weights_says_where_to_put_them(utmos_files, tmp_path, monkeypatch):
-    import torch
-
-    clone = tmp_path / "clone"
-    shutil.copytree(utmos_files["hub"], clone, ignore=shutil.ignore_patterns("*.pt"))
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub-cache"))
-    with pytest.raises(BadInput, match=f"has no checkpoint: put {mos.UTMOS_HUB_CHECKPOINT}"):
-        get_scorer("utmos", checkpoint=str(clone))
-
-
-def test_torchscript_of_another_model_fails_at_load(tmp_path):
+def test_torchscript_of_another_model_is_refused_unrun(tmp_path):
     import torch
 
     class TwoScores(torch.nn.Module):
@@ -417,7 +407,7 @@ def test_torchscript_of_another_model_fails_at_load(tmp_path):
 
     path = tmp_path / "other.pt"
     torch.jit.script(TwoScores()).save(str(path))
-    with pytest.raises(BadInput, match="expected one finite score"):
+    with pytest.raises(BadInput, match="TorchScript program"):
         get_scorer("utmos", checkpoint=str(path))
 
 

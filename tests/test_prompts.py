@@ -57,7 +57,9 @@ def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
     assert load_prompts(path)[0].text == "Hello"
 
 
-def test_jsonl_format(tmp_path: Path) -> None:
+def test_jsonl_format(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # ref_audio paths start at the current directory
+    (tmp_path / "r.wav").write_bytes(b"RIFF")
     rows = [
         {"id": "a", "text": "Hi.", "speaker": "Vivian", "language": "english"},
         {"text": "你好。", "instruct": "calm", "ref_audio": "r.wav", "ref_text": "ref", "speaker": None},
@@ -72,9 +74,16 @@ def test_jsonl_format(tmp_path: Path) -> None:
     ]
 
 
-def test_jsonl_detected_by_content(tmp_path: Path) -> None:
+def test_format_by_extension_or_flag_never_by_content(tmp_path: Path) -> None:
     path = write(tmp_path, "p.txt", '\n# c\n{"text": "Hi.", "id": "x1"}\n')
-    assert load_prompts(path) == [Prompt(id="x1", text="Hi.", line=3)]
+    assert load_prompts(path) == [Prompt(id="p000", text='{"text": "Hi.", "id": "x1"}', line=3)]
+    assert load_prompts(path, fmt="jsonl") == [Prompt(id="x1", text="Hi.", line=3)]
+
+
+def test_missing_ref_audio_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "p.jsonl", json.dumps({"text": "Hi.", "ref_audio": str(tmp_path / "none.wav")}) + "\n")
+    with pytest.raises(BadInput, match=r"p.jsonl:1: ref_audio .* does not exist"):
+        load_prompts(path)
 
 
 def test_jsonl_text_kept_verbatim(tmp_path: Path) -> None:
@@ -331,7 +340,8 @@ def prompt_lists(draw: st.DrawFn) -> list[Prompt]:
     unique_ids = draw(st.lists(ids, min_size=n, max_size=n, unique=True))
     prompts = []
     for i, prompt_id in enumerate(unique_ids):
-        ref_audio = draw(optional)
+        # Local ref_audio files must exist; URLs and inline data are passed on unchecked.
+        ref_audio = draw(st.none() | st.sampled_from(["https://example.com/a.wav", "data:audio/wav;base64,UklGRg=="]))
         prompts.append(Prompt(
             id=prompt_id, text=draw(safe_text), speaker=draw(optional), language=draw(optional),
             instruct=draw(optional), ref_audio=ref_audio,

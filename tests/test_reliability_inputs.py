@@ -258,11 +258,17 @@ def test_force_wipes_only_parity_runs(tmp_path):
     from parity.errors import BadInput
     from parity.run import check_out_dir
 
+    from parity.outdir import force_plan, write_marker
+
     run = tmp_path / "run"
     (run / "traces").mkdir(parents=True)
     (run / "run.json").write_text("{}")
     (run / "notes.txt").write_text("mine")
+    with pytest.raises(BadInput, match="no parity run marker"):  # a run.json alone proves nothing
+        check_out_dir(run, force=True, resume=False)
+    write_marker(run, ["run.json", "traces"])
     assert check_out_dir(run, force=True, resume=False) is None  # a parity run: may be overwritten
+    assert {p.name for p in force_plan(run)} == {"run.json", "traces", ".parity-run.json"}  # notes.txt stays
     other = tmp_path / "other"
     (other / ".git").mkdir(parents=True)
     with pytest.raises(BadInput, match="refuses to delete"):

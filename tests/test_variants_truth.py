@@ -78,8 +78,8 @@ def test_parity_run_with_variants_and_a_truth_side(tiny_dir, tmp_path):
         gates=Gates(hidden_within_tolerance=False, no_nonfinite=True),
     )
     summary = Run(prompts, recipe, tmp_path / "out").execute()
-    comparison = summary["prompts"][0]["comparison"]
-    assert comparison["truth"]["verdict"] == "worse"
-    assert comparison["first_divergence"] is not None  # the fp8 cache was really applied
+    comparison = summary.prompts[0].comparison
+    assert comparison.truth["verdict"] == "worse"
+    assert comparison.first_divergence is not None  # the fp8 cache was really applied
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["sides"]["candidate"]["variants"] == ["kv_quant=fp8"]

@@ -1,4 +1,11 @@
-"""The small interface every engine implements, and the registry that names them."""
+"""The small interface every engine implements (see docs/engines.md for a walk-through).
+
+An engine is constructed cheaply (no weights), then ``load()`` once, ``run()`` per prompt and
+``close()``. It is also a context manager (``with engine: ...`` loads and always closes). The
+rest of parity drives engines only through :mod:`parity.engines.lifecycle`, which maps load
+errors to exit codes and records peak memory; engines are looked up by name in
+:mod:`parity.engines.registry`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from parity.errors import BadInput
+from parity.layout import TraceLayout
 from parity.prompts import Prompt
 from parity.recipe import Decoding, Side
 from parity.trace import Trace
@@ -17,6 +24,9 @@ class Engine(ABC):
     """Lifecycle: ``load()`` once, ``run()`` per prompt, ``close()`` to release memory."""
 
     name: str = "?"
+    # Which engine's variants (parity.variants) this engine applies: "reference" for engines that
+    # drive a qwen_tts talker like the reference does; None when it applies none.
+    variant_family: str | None = None
 
     def __init__(self, side: Side, model_dir: Path | str):
         self.side = side
@@ -33,11 +43,15 @@ class Engine(ABC):
 
     @abstractmethod
     def decode_audio(self, codes) -> tuple[np.ndarray, int]:
-        """Codes [F, 16] -> (mono float32 waveform, sample rate)."""
+        """Codes [F, codebooks] -> (mono float32 waveform, sample rate)."""
 
     @abstractmethod
     def close(self) -> None:
-        """Release the model (and device memory)."""
+        """Release the model (and device memory). Safe to call on a half-loaded engine."""
+
+    @abstractmethod
+    def layout(self) -> TraceLayout:
+        """The trace layout of the loaded model: components, sub-steps per frame, layers."""
 
     def describe(self) -> dict:
         """Settings to show in reports."""
@@ -47,15 +61,16 @@ class Engine(ABC):
         """Number of prefill positions the prompt will take (None when unknown before loading)."""
         return None
 
+    def __enter__(self) -> "Engine":
+        self.load()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def make_engine(side: Side, model_dir: Path | str) -> Engine:
-    """Instantiate the engine a side names (imports lazily: the faster engine needs CUDA)."""
-    if side.engine == "reference":
-        from parity.engines.reference import ReferenceEngine
+    """Instantiate (not load) the engine a side names, through the registry."""
+    from parity.engines.registry import engine_class
 
-        return ReferenceEngine(side, model_dir)
-    if side.engine == "faster":
-        from parity.engines.faster import FasterEngine
-
-        return FasterEngine(side, model_dir)
-    raise BadInput(f"unknown engine '{side.engine}'; available: reference, faster")
+    return engine_class(side.engine)(side, model_dir)

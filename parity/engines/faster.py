@@ -28,12 +28,14 @@ import torch
 from parity.engines.base import Engine
 from parity.engines.reference import TORCH_DTYPES, default_speaker, import_qwen_tts, tf32_mode
 from parity.errors import BadInput
+from parity.layout import TraceLayout, qwen3_tts_layout
 from parity.prompts import Prompt
 from parity.recipe import Decoding, Side
+from parity.refclip import forced_item, has_clip, resolve as resolve_clip
 from parity.trace import FLOAT_FIELDS, Trace
 from parity.variants import apply_variants, engine_settings
 
-NUM_SUB_STEPS = 15
+NUM_SUB_STEPS = 15  # faster-qwen3-tts's predictor graph is built for 16-codebook models
 
 
 class ProbeCoverageError(RuntimeError):
@@ -180,6 +182,7 @@ class FasterEngine(Engine):
     """faster-qwen3-tts 0.5.4 with graph-safe taps and teacher forcing."""
 
     name = "faster"
+    variant_family = "faster"
 
     def __init__(self, side: Side, model_dir: Path | str, allow_cpu: bool = False, cuda_graphs: bool = True, record: bool = True):
         super().__init__(side, model_dir)
@@ -194,6 +197,7 @@ class FasterEngine(Engine):
         self.tts = None
         self.taps: GraphTaps | None = None
         self._captured_for: tuple | None = None
+        self.clip: dict | None = None  # the last voice-clone prompt's clip encoding
 
     # -- lifecycle ---------------------------------------------------------------------
     def load(self) -> None:
@@ -247,6 +251,10 @@ class FasterEngine(Engine):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def layout(self) -> TraceLayout:
+        talker = self.tts.model.model.talker
+        return qwen3_tts_layout(len(talker.model.layers), len(talker.code_predictor.model.layers), NUM_SUB_STEPS + 1)
+
     def describe(self) -> dict:
         return {**super().describe(), "device": str(self.device), "cuda_graphs": self.cuda_graphs, "taps": self.with_taps}
 
@@ -278,22 +286,68 @@ class FasterEngine(Engine):
     def prompt_length(self, prompt: Prompt) -> int:
         return int(self._prepare(prompt)[3].shape[1])
 
-    def _prepare(self, prompt: Prompt):
+    def _prepare(self, prompt: Prompt, force: Trace | None = None):
+        """The engine's own prompt builder for the model type, with each method's own default text
+        layout (custom voice and voice design: whole text in the prefill; voice clone: streamed).
+        For a voice-clone prompt the engine encodes the clip itself; its codes and speaker
+        embedding are kept in ``self.clip`` for the trace; with a ``force`` trace that recorded a
+        clip, the prefill is built from that trace's clip encoding instead (teacher forcing)."""
         kind = self.tts.model.model.tts_model_type
-        if kind != "custom_voice":
-            raise BadInput(f"the faster engine adapter supports custom_voice models; this checkpoint is '{kind}'")
         self.tts._warmed_up = True  # capture is ours to schedule (after taps and sampling are set)
-        return self.tts._prepare_generation_custom(
-            text=prompt.text, language=prompt.language or "auto", speaker=self._speaker(prompt),
-            instruct=prompt.instruct, non_streaming_mode=True,
-        )
+        self.clip = None
+        language = prompt.language or "auto"
+        if kind == "custom_voice":
+            return self.tts._prepare_generation_custom(
+                text=prompt.text, language=language, speaker=self._speaker(prompt),
+                instruct=prompt.instruct, non_streaming_mode=True,
+            )
+        if kind == "voice_design":
+            return self.tts._prepare_generation_custom(
+                text=prompt.text, language=language, speaker=None, instruct=prompt.instruct, non_streaming_mode=True,
+            )
+        if kind != "base":
+            raise BadInput(f"the faster engine adapter supports custom_voice, voice_design and base models; this checkpoint is '{kind}'")
+        if not prompt.ref_audio:
+            raise BadInput(f"prompt {prompt.id} (line {prompt.line}): a base (voice-clone) model needs ref_audio in the prompt")
+        wrapper = self.tts.model
+        package_clip_prompt = wrapper.create_voice_clone_prompt
+        items: list = []
+
+        def keep_clip(*args, **kwargs):
+            out = package_clip_prompt(*args, **kwargs)
+            items.extend(out)
+            return out
+
+        # The engine caches encoded clips by path; clear it so every run encodes (and records) its clip.
+        self.tts._voice_prompt_cache.clear()
+        wrapper.create_voice_clone_prompt = keep_clip
+        try:
+            # append_silence=False: the engine's default pads ICL clips with 0.5 s of silence, which
+            # the reference does not; both sides must encode the same clip.
+            m, talker, config, tie, tam, tth, tpe, _ref_codes = self.tts._prepare_generation(
+                text=prompt.text, ref_audio=str(resolve_clip(prompt.ref_audio)), ref_text=prompt.ref_text or "",
+                language=language, xvec_only=not prompt.ref_text, non_streaming_mode=False, append_silence=False,
+            )
+            if has_clip(force):  # again, on the forcing trace's clip encoding (the engine's own is in items)
+                self.tts._voice_prompt_cache.clear()
+                m, talker, config, tie, tam, tth, tpe, _ref_codes = self.tts._prepare_generation(
+                    text=prompt.text, ref_text=prompt.ref_text or "", language=language, non_streaming_mode=False,
+                    voice_clone_prompt=[forced_item(force, items[0])],
+                )
+        finally:
+            del wrapper.create_voice_clone_prompt
+        item = items[0]
+        self.clip = {"ref_speaker": item.ref_spk_embedding.detach().to("cpu", torch.float32)}
+        if item.ref_code is not None:
+            self.clip["ref_codes"] = item.ref_code.detach().to("cpu", torch.long)
+        return m, talker, config, tie, tam, tth, tpe
 
     # -- running -----------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, prompt: Prompt, decoding: Decoding, force: Trace | None = None, record: bool = True) -> Trace:
         from faster_qwen3_tts.generate import fast_generate
 
-        m, talker, config, tie, tam, tth, tpe = self._prepare(prompt)
+        m, talker, config, tie, tam, tth, tpe = self._prepare(prompt, force)
         self._ensure_captured(decoding, tie.shape[1])
         if decoding.do_sample:
             torch.manual_seed(decoding.seed)
@@ -319,10 +373,11 @@ class FasterEngine(Engine):
             "recorded": record, "prefill_len": int(tie.shape[1]), "eos_token_id": int(config.codec_eos_token_id),
             "max_frames": decoding.max_frames, "hit_max_frames": hit_max,
             "n_talker_layers": len(talker.model.layers), "n_predictor_layers": len(talker.code_predictor.model.layers),
+            "layout": self.layout().to_json(),
             "suppress_from": max(0, config.vocab_size - 1024), "timing": timing,
             "sampling": "seeded" if decoding.do_sample else "greedy",
         }
-        return Trace(codes=codes, **tensors, meta=meta)
+        return Trace(codes=codes, **tensors, meta=meta, **(self.clip or {}))
 
     @torch.inference_mode()
     def decode_audio(self, codes) -> tuple[np.ndarray, int]:

@@ -18,15 +18,16 @@ import torch
 
 from parity.engines.base import Engine
 from parity.errors import BadInput
+from parity.layout import TraceLayout, qwen3_tts_layout
 from parity.probes import Recorder
 from parity.prompts import Prompt
 from parity.recipe import Decoding, Side
+from parity.refclip import forced_item, has_clip, resolve as resolve_clip
 from parity.sampling import Chooser, SamplingParams
 from parity.trace import FLOAT_FIELDS, Trace
 from parity.variants import Applied, Target, apply_variants, set_attention
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-NUM_SUB_STEPS = 15
 
 
 class _Captured(Exception):
@@ -44,6 +45,34 @@ class TalkerInputs:
     eos_token_id: int
     suppress_tokens: list[int]
     min_new_tokens: int
+    ref_codes: torch.Tensor | None = None  # the reference clip's codes [T, 16] (ICL voice cloning)
+    ref_speaker: torch.Tensor | None = None  # the reference clip's speaker embedding [D] (voice cloning)
+
+    @property
+    def length(self) -> int:
+        """Prefill positions of the longest row."""
+        return int(self.inputs_embeds.shape[1])
+
+
+def left_pad(rows: list[TalkerInputs]) -> tuple[TalkerInputs, list[int]]:
+    """Stack single-prompt inputs into one batch, left-padded exactly as ``qwen_tts`` (and
+    faster-qwen3-tts's local copy of it) pads a batch: zero embeddings before each shorter prompt
+    with attention mask 0, and the trailing text padded at the end with ``tts_pad_embed``.
+    Returns the batch and each row's number of padding positions."""
+    lengths = [r.length for r in rows]
+    width, trail = max(lengths), max(r.trailing_text_hidden.shape[1] for r in rows)
+    first = rows[0]
+    hidden = first.inputs_embeds.shape[-1]
+    embeds = first.inputs_embeds.new_zeros((len(rows), width, hidden))
+    mask = first.attention_mask.new_zeros((len(rows), width))
+    trailing = first.tts_pad_embed.reshape(1, 1, hidden).repeat(len(rows), trail, 1)
+    for b, r in enumerate(rows):
+        embeds[b, width - r.length:] = r.inputs_embeds[0]
+        mask[b, width - r.length:] = 1
+        trailing[b, : r.trailing_text_hidden.shape[1]] = r.trailing_text_hidden[0]
+    batch = replace(first, inputs_embeds=embeds, attention_mask=mask, trailing_text_hidden=trailing,
+                    ref_codes=None, ref_speaker=None)
+    return batch, [width - n for n in lengths]
 
 
 def import_qwen_tts():
@@ -105,6 +134,7 @@ class ReferenceEngine(Engine):
     """qwen_tts with settable dtype, attention, cache (dynamic / static:N), TF32 and device."""
 
     name = "reference"
+    variant_family = "reference"
 
     def __init__(self, side: Side, model_dir: Path | str):
         super().__init__(side, model_dir)
@@ -123,7 +153,7 @@ class ReferenceEngine(Engine):
         self.wrapper.model.to(self.device).eval()
         self.wrapper.device = self.device
         self.recorder = Recorder(self.talker)
-        self.applied = apply_variants(self.talker, self.side.variants, self.name)
+        self.applied = apply_variants(self.talker, self.side.variants, self.variant_family)
 
     def close(self) -> None:
         if self.applied is not None:
@@ -146,9 +176,18 @@ class ReferenceEngine(Engine):
             if getattr(side, name) != getattr(self.side, name):
                 raise ValueError(f"reconfigure cannot change '{name}' ({getattr(self.side, name)} -> {getattr(side, name)}); load a new engine")
         self.applied.undo()
-        set_attention(Target(self.talker, self.name), side.attention)
+        set_attention(Target(self.talker, self.variant_family), side.attention)
         self.side = side
-        self.applied = apply_variants(self.talker, side.variants, self.name)
+        self.applied = apply_variants(self.talker, side.variants, self.variant_family)
+
+    def layout(self) -> TraceLayout:
+        return qwen3_tts_layout(len(self.talker.model.layers), len(self.talker.code_predictor.model.layers),
+                                int(self.talker.config.num_code_groups))
+
+    @property
+    def n_substeps(self) -> int:
+        """Code-predictor sub-steps per frame: one per residual codebook."""
+        return int(self.talker.config.num_code_groups) - 1
 
     @property
     def model(self):
@@ -162,23 +201,43 @@ class ReferenceEngine(Engine):
         return {**super().describe(), "device": str(self.device)}
 
     # -- prompt preparation ------------------------------------------------------------
-    def prepare(self, prompt: Prompt) -> TalkerInputs:
-        """Build the talker's prefill inputs with the package's own code path."""
+    def prepare(self, prompt: Prompt, force: Trace | None = None) -> TalkerInputs:
+        """Build the talker's prefill inputs with the package's own code path. For a voice-clone
+        prompt that includes encoding the reference clip (its codes and embedding are kept); with a
+        ``force`` trace that recorded a clip, the prefill is built from the forcing trace's clip
+        encoding (teacher forcing extends to the clip), while this engine's own is still kept."""
         captured: dict = {}
+        clip: list = []
+        clip_items = None
+        if self.model.tts_model_type == "base" and has_clip(force) and prompt.ref_audio:
+            own = self.wrapper.create_voice_clone_prompt(
+                ref_audio=str(resolve_clip(prompt.ref_audio)), ref_text=prompt.ref_text, x_vector_only_mode=not prompt.ref_text)[0]
+            clip.append(own)
+            clip_items = [forced_item(force, own)]
 
         def intercept(**kwargs):
             captured.update(kwargs)
             raise _Captured
 
+        package_clip_prompt = self.wrapper.create_voice_clone_prompt
+
+        def keep_clip(*args, **kwargs):
+            items = package_clip_prompt(*args, **kwargs)
+            clip.extend(items)
+            return items
+
         self.talker.generate = intercept  # instance attribute shadows the method
+        self.wrapper.create_voice_clone_prompt = keep_clip
         try:
-            self._call_package_generate(prompt)
+            self._call_package_generate(prompt, clip_items)
         except _Captured:
             pass
         except (ValueError, NotImplementedError) as e:
             raise BadInput(f"prompt {prompt.id} (line {prompt.line}): {str(e).splitlines()[0]}") from None
         finally:
             del self.talker.generate
+            del self.wrapper.create_voice_clone_prompt
+        item = clip[0] if clip else None
         return TalkerInputs(
             inputs_embeds=captured["inputs_embeds"],
             attention_mask=captured["attention_mask"],
@@ -187,10 +246,13 @@ class ReferenceEngine(Engine):
             eos_token_id=int(captured["eos_token_id"]),
             suppress_tokens=list(captured["suppress_tokens"]),
             min_new_tokens=int(captured.get("min_new_tokens") or 0),
+            ref_codes=None if item is None or item.ref_code is None else item.ref_code.detach().to("cpu", torch.long),
+            ref_speaker=None if item is None else item.ref_spk_embedding.detach().to("cpu", torch.float32),
         )
 
-    def _call_package_generate(self, prompt: Prompt, **gen_kwargs) -> tuple[list[np.ndarray], int]:
-        """Call the package's public generate entry point that fits the model type."""
+    def _call_package_generate(self, prompt: Prompt, clip_items: list | None = None, **gen_kwargs) -> tuple[list[np.ndarray], int]:
+        """Call the package's public generate entry point that fits the model type (``clip_items``:
+        a ready voice-clone prompt to use instead of encoding the clip)."""
         w = self.wrapper
         kind = w.model.tts_model_type
         language = prompt.language or "auto"
@@ -204,8 +266,12 @@ class ReferenceEngine(Engine):
         if kind == "base":
             if not prompt.ref_audio:
                 raise BadInput(f"prompt {prompt.id} (line {prompt.line}): a base (voice-clone) model needs ref_audio in the prompt")
+            if clip_items is not None:
+                return w.generate_voice_clone(prompt.text, language=language, voice_clone_prompt=clip_items, **gen_kwargs)
+            # ref_text given: ICL cloning (the clip's text and codes in the prefill); else x-vector only.
             return w.generate_voice_clone(
-                prompt.text, language=language, ref_audio=prompt.ref_audio, ref_text=prompt.ref_text, **gen_kwargs
+                prompt.text, language=language, ref_audio=str(resolve_clip(prompt.ref_audio)), ref_text=prompt.ref_text,
+                x_vector_only_mode=not prompt.ref_text, **gen_kwargs
             )
         raise BadInput(f"model type '{kind}' is not supported; expected custom_voice, voice_design or base")
 
@@ -228,47 +294,74 @@ class ReferenceEngine(Engine):
 
     @torch.inference_mode()
     def run(self, prompt: Prompt, decoding: Decoding, force: Trace | None = None, record: bool = True) -> Trace:
-        inputs = self.prepare(prompt)
+        return self.run_batch([prompt], decoding, [force], record)[0]
+
+    @torch.inference_mode()
+    def run_batch(self, prompts: list[Prompt], decoding: Decoding, forces: list[Trace | None] | None = None,
+                  record: bool = True) -> list[Trace]:
+        """Decode ``prompts`` as one left-padded batch (one row each; a single prompt is a batch of
+        one) and return one trace per row. Row b is teacher-forced on ``forces[b]`` when given."""
+        forces = forces or [None] * len(prompts)
+        rows = [self.prepare(p, f) for p, f in zip(prompts, forces)]
+        inputs, pads = left_pad(rows)
         rec = self.recorder
         rec.reset()
         if record:
             rec.attach()
         try:
             with tf32_mode(self.side.tf32):
-                out = self._decode(inputs, decoding, force, rec if record else None)
+                outs = self._decode(inputs, decoding, forces, rec if record else None)
         finally:
             rec.detach()
-        if record:
-            out.update(rec.finish(out["talker_tokens"].shape[0], out["codes"].shape[0]))
-        else:
-            out.update({k: torch.zeros(0) for k in FLOAT_FIELDS})
-        meta = {
-            "prompt_id": prompt.id, "engine": self.name, "side": self.describe(), "forced": force is not None,
-            "recorded": record, "prefill_len": int(inputs.inputs_embeds.shape[1]),
-            "eos_token_id": inputs.eos_token_id, "max_frames": decoding.max_frames,
-            "hit_max_frames": bool(out.pop("hit_max")),
-            "n_talker_layers": len(self.talker.model.layers),
-            "n_predictor_layers": len(self.talker.code_predictor.model.layers),
-            "suppress_from": min(inputs.suppress_tokens) if inputs.suppress_tokens else None,
-        }
-        return Trace(**out, meta=meta)
+        traces = []
+        for b, (prompt, row, out, force) in enumerate(zip(prompts, rows, outs, forces)):
+            if record:
+                out.update(rec.finish(out["talker_tokens"].shape[0], out["codes"].shape[0], row=b))
+            else:
+                out.update({k: torch.zeros(0) for k in FLOAT_FIELDS})
+            meta = {
+                "prompt_id": prompt.id, "engine": self.name, "side": self.describe(), "forced": force is not None,
+                "recorded": record, "prefill_len": row.length,
+                "eos_token_id": inputs.eos_token_id, "max_frames": decoding.max_frames,
+                "hit_max_frames": bool(out.pop("hit_max")),
+                "n_talker_layers": len(self.talker.model.layers),
+                "n_predictor_layers": len(self.talker.code_predictor.model.layers),
+                "layout": self.layout().to_json(),
+                "suppress_from": min(inputs.suppress_tokens) if inputs.suppress_tokens else None,
+            }
+            if len(prompts) > 1:
+                meta["batch"] = {"size": len(prompts), "row": b, "pad": pads[b], "padded_len": inputs.length,
+                                 "mates": [p.id for p in prompts]}
+            clip = {}
+            if row.ref_codes is not None:
+                clip["ref_codes"] = row.ref_codes
+            if row.ref_speaker is not None:
+                clip["ref_speaker"] = row.ref_speaker
+            traces.append(Trace(**out, meta=meta, **clip))
+        return traces
 
-    def _decode(self, inputs: TalkerInputs, decoding: Decoding, force: Trace | None, rec: Recorder | None) -> dict:
+    def _decode(self, inputs: TalkerInputs, decoding: Decoding, forces: list[Trace | None], rec: Recorder | None) -> list[dict]:
+        """The decode loop over a batch of B rows (B = 1 without batching). Every row runs its own
+        token choice, stop rule and teacher forcing; a row that has stopped keeps feeding its last
+        token so the batch stays rectangular, and nothing after its stop is kept."""
         talker = self.talker
         predictor = talker.code_predictor
         dev = self.device
         null = contextlib.nullcontext()
+        n_rows = inputs.inputs_embeds.shape[0]
+        n_sub = self.n_substeps
         params = SamplingParams(
             do_sample=decoding.do_sample, temperature=decoding.temperature, top_k=decoding.top_k,
             top_p=decoding.top_p, repetition_penalty=decoding.repetition_penalty,
         )
-        talker_chooser = Chooser(params, dev, inputs.eos_token_id, inputs.min_new_tokens, inputs.suppress_tokens)
+        talker_choosers = [Chooser(params, dev, inputs.eos_token_id, inputs.min_new_tokens, inputs.suppress_tokens) for _ in range(n_rows)]
         pred_chooser = Chooser(replace(params, repetition_penalty=1.0), dev)  # the predictor's generate has none
-        generator = torch.Generator(device=dev).manual_seed(decoding.seed) if decoding.do_sample else None
+        # One generator per row, seeded alike: row b samples exactly as it would alone.
+        generators = [torch.Generator(device=dev).manual_seed(decoding.seed) if decoding.do_sample else None for _ in range(n_rows)]
 
-        prefill_len = inputs.inputs_embeds.shape[1]
-        max_frames = force.n_frames if force is not None else decoding.max_frames
-        cache = self._new_cache(prefill_len, max_frames)
+        prefill_len = inputs.length
+        row_max = [f.n_frames if f is not None else decoding.max_frames for f in forces]
+        cache = self._new_cache(prefill_len, max(row_max))
         mask = inputs.attention_mask
         with rec.at("talker", 0) if rec else null:
             out = talker(
@@ -278,40 +371,49 @@ class ReferenceEngine(Engine):
             )
         logits, past_hidden = out.logits[:, -1], out.past_hidden
 
-        tokens, choices, frames, pred_choices = [], [], [], []
-        history = torch.zeros(0, dtype=torch.long, device=dev)
-        hit_max = False
-        for s in range(max_frames + 1):
-            choice = talker_chooser.choose(logits[0], history, generator)
-            token = int(force.talker_tokens[s]) if force is not None else choice
-            tokens.append(token)
-            choices.append(choice)
-            if force is not None and s == force.n_steps - 1:
-                hit_max = bool(force.meta.get("hit_max_frames"))
+        state = [{"tokens": [], "choices": [], "frames": [], "pred": [], "hit_max": False, "done": False,
+                  "history": torch.zeros(0, dtype=torch.long, device=dev)} for _ in range(n_rows)]
+        last = [inputs.eos_token_id] * n_rows
+        for s in range(max(row_max) + 1):
+            for b, row in enumerate(state):
+                if row["done"]:
+                    continue
+                force = forces[b]
+                choice = talker_choosers[b].choose(logits[b], row["history"], generators[b])
+                token = int(force.talker_tokens[s]) if force is not None else choice
+                row["tokens"].append(token)
+                row["choices"].append(choice)
+                last[b] = token
+                if force is not None and s == force.n_steps - 1:
+                    row["hit_max"], row["done"] = bool(force.meta.get("hit_max_frames")), True
+                elif token == inputs.eos_token_id:
+                    row["done"] = True
+                elif s == row_max[b]:
+                    row["hit_max"], row["done"] = True, True
+                else:
+                    row["history"] = torch.cat([row["history"], torch.tensor([token], device=dev)])
+            if all(row["done"] for row in state):
                 break
-            if token == inputs.eos_token_id:
-                break
-            if s == max_frames:
-                hit_max = True
-                break
-            history = torch.cat([history, torch.tensor([token], device=dev)])
-            token_t = torch.tensor([[token]], device=dev)
-            codes, own = self._predict_frame(predictor, past_hidden, token_t, s, pred_chooser, generator, force, rec)
-            frames.append([token] + codes)
-            pred_choices.append(own)
+            token_t = torch.tensor([[t] for t in last], device=dev)
+            active = [not row["done"] for row in state]
+            codes, own = self._predict_frame(predictor, past_hidden, token_t, s, pred_chooser, generators, forces, active, rec)
+            for b, row in enumerate(state):
+                if active[b]:
+                    row["frames"].append([last[b]] + codes[b])
+                    row["pred"].append(own[b])
 
             # Talker step s+1 on frame s: the decode branch of talker.forward, with our predictor.
-            code_t = torch.tensor([codes], device=dev)
+            code_t = torch.tensor(codes, device=dev)
             embeds = [talker.get_input_embeddings()(token_t)]
-            embeds += [predictor.get_input_embeddings()[i](code_t[:, i : i + 1]) for i in range(NUM_SUB_STEPS)]
+            embeds += [predictor.get_input_embeddings()[i](code_t[:, i : i + 1]) for i in range(n_sub)]
             step_embeds = torch.cat(embeds, dim=1).sum(1, keepdim=True)
             if s < inputs.trailing_text_hidden.shape[1]:
                 step_embeds = step_embeds + inputs.trailing_text_hidden[:, s].unsqueeze(1)
             else:
                 step_embeds = step_embeds + inputs.tts_pad_embed
-            mask = torch.cat([mask, mask.new_ones((1, 1))], dim=-1)
+            mask = torch.cat([mask, mask.new_ones((n_rows, 1))], dim=-1)
             cache_position = torch.tensor([prefill_len + s], device=dev)
-            position_ids = (cache_position + talker.rope_deltas).view(1, 1, 1).expand(3, 1, 1)
+            position_ids = (cache_position + talker.rope_deltas).view(1, n_rows, 1).expand(3, n_rows, 1)
             with rec.at("talker", s + 1) if rec else null:
                 hidden = talker.model(
                     inputs_embeds=step_embeds, attention_mask=mask, position_ids=position_ids,
@@ -320,42 +422,51 @@ class ReferenceEngine(Engine):
                 logits = talker.codec_head(hidden)[:, -1]
             past_hidden = hidden[:, -1:, :]
 
-        n_frames = len(frames)
-        return {
-            "talker_tokens": torch.tensor(tokens, dtype=torch.long),
-            "talker_choice": torch.tensor(choices, dtype=torch.long),
-            "codes": torch.tensor(frames, dtype=torch.long).view(n_frames, 16),
-            "pred_choice": torch.tensor(pred_choices, dtype=torch.long).view(n_frames, NUM_SUB_STEPS),
-            "hit_max": hit_max,
-        }
+        results = []
+        for row in state:
+            n_frames = len(row["frames"])
+            results.append({
+                "talker_tokens": torch.tensor(row["tokens"], dtype=torch.long),
+                "talker_choice": torch.tensor(row["choices"], dtype=torch.long),
+                "codes": torch.tensor(row["frames"], dtype=torch.long).view(n_frames, self.n_substeps + 1),
+                "pred_choice": torch.tensor(row["pred"], dtype=torch.long).view(n_frames, self.n_substeps),
+                "hit_max": row["hit_max"],
+            })
+        return results
 
-    def _predict_frame(self, predictor, past_hidden, token_t, frame, chooser, generator, force, rec):
-        """The code predictor's 15 sub-steps, as its nested ``generate(max_new_tokens=15)`` runs them."""
+    def _predict_frame(self, predictor, past_hidden, token_t, frame, chooser, generators, forces, active, rec):
+        """The code predictor's 15 sub-steps for every row, as its nested ``generate(max_new_tokens=15)``
+        runs them. Returns each row's 15 codes (forced where the row is forced) and its own choices."""
         from transformers import DynamicCache
 
         dev = self.device
         null = contextlib.nullcontext()
+        n_rows = token_t.shape[0]
         cache = DynamicCache(config=predictor.config)
         first = torch.cat((past_hidden, self.talker.get_input_embeddings()(token_t)), dim=1)
-        codes, own = [], []
-        for j in range(NUM_SUB_STEPS):
+        codes: list[list[int]] = [[] for _ in range(n_rows)]
+        own: list[list[int]] = [[] for _ in range(n_rows)]
+        for j in range(self.n_substeps):
             n_past = 0 if j == 0 else j + 1
             length = first.shape[1] if j == 0 else 1
             cache_position = torch.arange(n_past, n_past + length, device=dev)
             kwargs = dict(
-                attention_mask=torch.ones((1, n_past + length), dtype=torch.long, device=dev),
-                position_ids=cache_position.unsqueeze(0), past_key_values=cache, use_cache=True,
+                attention_mask=torch.ones((n_rows, n_past + length), dtype=torch.long, device=dev),
+                position_ids=cache_position.unsqueeze(0).expand(n_rows, -1), past_key_values=cache, use_cache=True,
                 cache_position=cache_position,
             )
             with rec.at("predictor", frame, j) if rec else null:
                 if j == 0:
                     out = predictor(inputs_embeds=first, **kwargs)
                 else:
-                    out = predictor(input_ids=torch.tensor([[codes[-1]]], device=dev), generation_steps=j, **kwargs)
-            choice = chooser.choose(out.logits[0, -1], torch.zeros(0, dtype=torch.long, device=dev), generator)
-            code = int(force.codes[frame, j + 1]) if force is not None else choice
-            codes.append(code)
-            own.append(choice)
+                    ids = torch.tensor([[c[-1]] for c in codes], device=dev)
+                    out = predictor(input_ids=ids, generation_steps=j, **kwargs)
+            for b in range(n_rows):
+                choice = chooser.choose(out.logits[b, -1], torch.zeros(0, dtype=torch.long, device=dev), generators[b] if active[b] else None)
+                force = forces[b]
+                code = int(force.codes[frame, j + 1]) if force is not None and active[b] else choice
+                codes[b].append(code)
+                own[b].append(choice)
         return codes, own
 
     # -- audio -------------------------------------------------------------------------

@@ -1,13 +1,16 @@
 """Audio sources for the report's A/B players: embedded as data URIs while a byte budget lasts,
-compressed when the WAV does not fit, linked by relative path after that.
+linked by relative path after that.
 
-A 500-frame prompt is 40 s of 24 kHz 16-bit audio, about 1.9 MB a side (2.6 MB as base64), so
-18 such prompts cannot be embedded as WAV in a 5 MB report. Prompts are taken in report order,
-both sides of a prompt together: the WAVs when they still fit the budget left by the rest of the
-report, else the same audio as Ogg Vorbis (lossy, about 32 kbit/s: a tenth of the size) when that fits,
-else linked as ``audio/<id>.<side>.wav`` relative to report.html, which plays only when the
-report is opened inside its run directory (or an artifact that keeps ``audio/`` next to it).
-The report names the prompts whose audio is not in the file.
+Embedded clips are MP3 at a constant ~66 kbit/s (``MP3_LEVEL``), encoded in memory from the run's
+WAVs: 8 kB per second instead of 48 kB for 24 kHz 16-bit PCM, so all 18 prompts x 32 frames fit
+in a 2 MB report (as WAV they took 4.3 MB and still did not all fit). Every player also links the
+lossless WAV next to it (``audio/<id>.<side>.wav``); the scores and distances are computed on the
+WAVs, never on the MP3. A clip MP3 cannot carry (an unusual sample rate) is embedded as WAV.
+
+Prompts are embedded in report order, both sides of a prompt or neither, each one that still fits
+the budget left by the rest of the report; the others are only linked, relative to report.html,
+which plays when the report is opened inside its run directory (or an artifact that keeps
+``audio/`` next to it). The report names the prompts whose audio is not in the file.
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from urllib.parse import quote
 
 SIDES = ("reference", "candidate")
-WAV, OGG, LINK = "wav", "ogg", "link"
-OGG_BYTES_PER_S = 4_500  # Ogg Vorbis at compression level 0.9 (about 32 kbit/s), for estimates
+MP3, WAV, LINK = "mp3", "wav", "link"  # how a player's clip is held: embedded MP3, embedded WAV, linked
+MP3_LEVEL = 0.6  # libsndfile's MP3 compression level: constant ~66 kbit/s at 24 kHz mono
+MP3_BYTES_PER_S = 8400  # upper bound of that rate (measured 8016-8250 B/s), for planning without encoding
 
 
 @dataclass
@@ -33,7 +36,8 @@ class Clip:
     embedded: bool
     duration_s: float | None
     size: int  # bytes of the WAV file
-    kind: str = LINK  # WAV or OGG (embedded) or LINK
+    wav: str | None = None  # relative URL of the lossless WAV, when the player holds an MP3 copy
+    kind: str = LINK  # MP3 or WAV (embedded) or LINK
 
 
 def _inside(run_dir: Path, rel: str) -> Path | None:
@@ -47,36 +51,36 @@ def _inside(run_dir: Path, rel: str) -> Path | None:
 
 
 def encoded_size(n_bytes: int) -> int:
-    """Characters a file of ``n_bytes`` takes as a base64 WAV data URI."""
-    return len("data:audio/wav;base64,") + 4 * ((n_bytes + 2) // 3)
+    """Characters a file of ``n_bytes`` takes as a base64 data URI."""
+    return len("data:audio/mpeg;base64,") + 4 * ((n_bytes + 2) // 3)
 
 
-def ogg_uri(path: Path) -> str | None:
-    """The WAV at ``path`` as an Ogg Vorbis data URI (mono), or None when it cannot be encoded."""
-    stat = path.stat()
-    return _ogg_uri(str(path), stat.st_mtime_ns, stat.st_size)
+def embedded_bytes(path: Path) -> int:
+    """Bytes a WAV takes once embedded (an upper bound of its MP3 size, or the WAV's own size)."""
+    from parity.report.rundata import audio_info
+
+    info = audio_info(path)
+    wav_size = path.stat().st_size
+    return wav_size if info is None else min(wav_size, int(info[0] * MP3_BYTES_PER_S) + 2048)
 
 
-@lru_cache(maxsize=256)
-def _ogg_uri(path: str, mtime_ns: int, size: int) -> str | None:  # mtime/size: the cache key
+def data_uri(path: Path) -> str:
+    """A WAV as an MP3 data URI (the WAV itself when MP3 cannot carry it)."""
     import soundfile as sf
 
     try:
-        wav, sr = sf.read(path, dtype="float32", always_2d=True)
+        wav, sr = sf.read(str(path), dtype="float32")
         buf = io.BytesIO()
-        # Vorbis rather than Opus: as small for speech at this rate, and about 4x faster to encode.
-        sf.write(buf, wav.mean(axis=1), sr, format="OGG", subtype="VORBIS", compression_level=0.9)
-    except Exception:  # no Vorbis in this libsndfile, or an unreadable file: the clip is linked instead
-        return None
-    return "data:audio/ogg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        sf.write(buf, wav, sr, format="MP3", bitrate_mode="CONSTANT", compression_level=MP3_LEVEL)
+        return "data:audio/mpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    except (RuntimeError, ValueError, TypeError, OSError):  # libsndfile refuses the rate or channels
+        return "data:audio/wav;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def clips(run_dir: Path, prompt: dict, embed: bool | str) -> list[Clip]:
-    """Both sides' clips of a prompt (``prompt['audio']`` maps side -> path in the run dir);
-    ``embed`` is WAV, OGG or LINK (True/False mean WAV/LINK)."""
+def clips(run_dir: Path, prompt: dict, embed: bool) -> list[Clip]:
+    """Both sides' clips of a prompt (``prompt['audio']`` maps side -> path in the run dir)."""
     from parity.report.rundata import audio_info
 
-    how = {True: WAV, False: LINK}.get(embed, embed) if isinstance(embed, bool) else embed
     out = []
     for side in SIDES:
         rel = (prompt.get("audio") or {}).get(side)
@@ -86,47 +90,26 @@ def clips(run_dir: Path, prompt: dict, embed: bool | str) -> list[Clip]:
             out.append(Clip(side, None, False, None, 0))
             continue
         duration, size = info
-        src = None
-        if how == WAV:
-            src = "data:audio/wav;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-        elif how == OGG:
-            src = ogg_uri(path)
-        kind = how if src else LINK
-        if src is None:
-            src = quote(path.relative_to(Path(run_dir).resolve()).as_posix())
-        out.append(Clip(side, src, kind != LINK, duration, size, kind))
+        link = quote(path.relative_to(Path(run_dir).resolve()).as_posix())
+        src = data_uri(path) if embed else link
+        kind = LINK if not embed else (MP3 if src.startswith("data:audio/mpeg") else WAV)
+        out.append(Clip(side, src, embed, duration, size, link if kind == MP3 else None, kind))
     return out
 
 
-def plan(run_dir: Path, prompts: list[dict], budget: int) -> dict[str, str]:
-    """How each prompt's audio goes into the report, in order, both sides alike: WAV while the
-    pair fits in what is left of ``budget`` characters, else OGG when the compressed pair fits,
-    else LINK. A pair whose estimated compressed size cannot fit is not encoded at all."""
-    from parity.report.rundata import audio_info
-
+def plan(run_dir: Path, prompts: list[dict], budget: int) -> dict[str, bool]:
+    """Which prompts get their audio embedded: in order, both sides or neither, each prompt
+    whose pair still fits in what is left of ``budget`` characters."""
     used = 0
-    decision: dict[str, str] = {}
+    decision: dict[str, bool] = {}
     for p in prompts:
-        paths = []
+        sizes = []
         for side in SIDES:
             rel = (p.get("audio") or {}).get(side)
             path = _inside(Path(run_dir), rel) if isinstance(rel, str) else None
-            if path is not None:
-                paths.append(path)
-        decision[p["id"]] = LINK
-        if not paths:
-            continue
-        cost = sum(encoded_size(path.stat().st_size) for path in paths)
-        if used + cost <= budget:
-            used += cost
-            decision[p["id"]] = WAV
-            continue
-        seconds = sum((audio_info(path) or (0.0, 0))[0] for path in paths)
-        if used + 0.8 * encoded_size(int(seconds * OGG_BYTES_PER_S)) > budget:
-            continue  # would not fit even if it compressed a little better than usual
-        uris = [ogg_uri(path) for path in paths]
-        cost = sum(len(u) for u in uris if u)
-        if all(uris) and used + cost <= budget:
-            used += cost
-            decision[p["id"]] = OGG
+            sizes.append(embedded_bytes(path) if path else 0)
+        cost = sum(encoded_size(s) for s in sizes if s)
+        fits = cost > 0 and used + cost <= budget
+        used += cost if fits else 0
+        decision[p["id"]] = fits
     return decision

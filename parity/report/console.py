@@ -1,9 +1,9 @@
 """What a run prints at its end, readable at 80 columns.
 
 One table row per prompt with short stable labels (``talk s1 L0``, ``pred f0.s10 L1``) and
-numbers, a hints line under each failing prompt, the run's where / why / does-it-matter lines
-(the same as the report's first screen) and a closing line in pytest's style:
-``2 passed, 1 failed in 24 s``.
+numbers, a hints line under each failing prompt, the voice-clone and batch lines of the modes
+that ran, the run's where / why / audio lines (the same as the report's first screen) and a
+closing line in pytest's style: ``2 passed, 1 failed in 24 s``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from parity.report.overview import LOW_AGREEMENT, hints_of, overview, short_where
+from parity.report.overview import LOW_AGREEMENT, flip_label, hints_of, overview, short_where
+from parity.results import Summary
 
 
 def _num(v, spec: str = ".2g") -> str:
@@ -24,6 +25,9 @@ def _num(v, spec: str = ".2g") -> str:
     return format(v, spec)
 
 
+_fmt = _num
+
+
 def side_label(side: dict | None) -> str:
     """'reference fp32/sdpa/dynamic' from a side's description."""
     s = side or {}
@@ -31,72 +35,80 @@ def side_label(side: dict | None) -> str:
     return f"{s.get('engine')} {dtype}/{s.get('attention')}/{s.get('cache')}"
 
 
-def closing_line(summary: dict, seconds: float | None = None) -> tuple[str, str]:
+def closing_line(summary: Summary, seconds: float | None = None) -> tuple[str, str]:
     """('2 passed, 1 failed in 24 s', style) in pytest's manner."""
-    counts = summary.get("counts") or {}
-    prompts = summary.get("prompts") or []
-    passed = sum(1 for p in prompts if p.get("status") == "ok" and p.get("passed"))
-    failed = sum(1 for p in prompts if p.get("status") == "ok" and not p.get("passed"))
-    not_run = counts.get("not_run", len(prompts) - passed - failed)
+    counts = summary.counts
+    passed, not_run = counts["passed"], counts["not_run"]
+    failed = counts["ran"] - passed
     parts = [f"{failed} failed"] if failed else []
-    parts += [f"{passed} passed"] if passed or not prompts else []
+    parts += [f"{passed} passed"] if passed or not summary.prompts else []
     parts += [f"{not_run} not run"] if not_run else []
     text = ", ".join(parts) + (f" in {seconds:.0f} s" if seconds is not None else "")
-    style = "green" if summary.get("passed") else ("red" if failed or summary.get("failure") else "yellow")
+    style = "green" if summary.passed else ("red" if failed or summary.failure else "yellow")
     return text, style
 
 
-def print_summary(summary: dict, console: Console, seconds: float | None = None, bisect: dict | None = None,
-                  verbose: bool = False) -> None:
+def hint_lines(summary: Summary, verbose: bool = False) -> list[str]:
+    """'id: hint: ...' under the table: the first hint of each failing prompt (or a line saying
+    none matched); with ``verbose`` every hint of every prompt."""
+    lines = []
+    for p in summary.prompts:
+        if not p.ran or p.comparison is None:
+            continue
+        hints = hints_of(p)
+        if verbose:
+            lines += [f"{p.id}: hint: {h['text']}" for h in hints]
+        elif not p.passed:
+            more = f" (+{len(hints) - 1} more in report.html)" if len(hints) > 1 else ""
+            text = hints[0]["text"] if hints else "no hint matches the error's signature"
+            lines.append(f"{p.id}: hint: {text}{more}")
+    return lines
+
+
+def print_summary(summary: Summary, console: Console, seconds: float | None = None, bisect: dict | None = None,
+                  verbose: bool = False, footer: list[str] | tuple[str, ...] = ()) -> None:
     """The per-prompt table, hints of failing prompts (of every prompt, all of them, when
-    ``verbose``), the run overview and the closing line."""
-    sides = summary.get("sides") or {}
-    ref, cand = sides.get("reference"), sides.get("candidate")
-    console.print(f"reference  {side_label(ref)}", markup=False, highlight=False)
-    console.print(f"candidate  {side_label(cand)}   model {summary.get('model') or '-'}", markup=False, highlight=False)
+    ``verbose``), the modes' lines, the run overview, the ``footer`` lines and the closing line."""
+    sides = summary.sides or {}
+    model = summary.extra.get("model") or summary.recipe.get("model") or "-"
+    console.print(f"reference  {side_label(sides.get('reference'))}", markup=False, highlight=False)
+    console.print(f"candidate  {side_label(sides.get('candidate'))}   model {model}", markup=False, highlight=False)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), show_edge=False, collapse_padding=True)
     for col, justify in (("prompt", "left"), ("diverges at", "left"), ("rel L2", "right"), ("first flip", "left"),
                          ("margin", "right"), ("agree", "right"), ("verdict", "left")):
         label = col in ("diverges at", "first flip")  # short labels: never broken across lines
         table.add_column(col, justify=justify, overflow="fold", no_wrap=label, min_width=14 if label else None)
-    notes: list[tuple[str, str]] = []
-    for p in summary.get("prompts") or []:
-        if p.get("status") != "ok":
-            table.add_row(p["id"], p.get("status", "-"), "", "", "", "", Text("not run", "yellow"))
+    for p in summary.prompts:
+        if not p.ran or p.comparison is None:
+            table.add_row(p.id, p.status, "", "", "", "", Text("not run", "yellow"))
             continue
-        c = p.get("comparison") or {}
-        first, flip = c.get("first_divergence"), c.get("first_flip")
-        agreement = (c.get("free_run") or {}).get("agreement")
-        if p.get("passed"):
+        c = p.comparison
+        first, flip = c.first_divergence, c.first_flip
+        agreement = c.free_run.agreement if c.free_run else None
+        if p.passed:
             verdict = Text("pass", "green")
-            if isinstance(agreement, (int, float)) and agreement < LOW_AGREEMENT:
+            if agreement is not None and agreement < LOW_AGREEMENT:
                 verdict.append(" !", "bold yellow")
         else:
-            verdict = Text("FAIL ", "red").append(",".join(g["name"] for g in p.get("gates", []) if not g["passed"]))
-        label = (flip or {}).get("label") or ("tie" if (flip or {}).get("near_tie") else "real")
-        margin = "-" if not flip else f"{_num(flip.get('cand_margin'))} {label}"
-        table.add_row(p["id"], short_where(first) if first else "none",
-                      _num(first["rel_l2"] if first else c.get("max_rel_l2")), short_where(flip) if flip else "none",
-                      margin, _num(agreement, ".1%"), verdict)
-        if verbose:
-            notes += [(p["id"], h["text"].removeprefix("hint: ") + (f" ({h['evidence']})" if h.get("evidence") else ""))
-                      for h in hints_of(p)]
-        elif not p.get("passed"):
-            hints = hints_of(p)
-            text = hints[0]["text"] if hints else "no hint matches the error's signature"
-            notes.append((p["id"], text.removeprefix("hint: ")))
+            verdict = Text("FAIL ", "red").append(",".join(g.name for g in p.failed_gates()))
+        rel = ("inf" if first.nonfinite else first.rel_l2) if first else c.max_rel_l2
+        margin = "-" if flip is None else f"{_num(flip.cand_margin)} {flip_label(flip)}"
+        table.add_row(p.id, short_where(first) if first else "none", _num(rel),
+                      short_where(flip) if flip else "none", margin, _num(agreement, ".1%"), verdict)
     console.print(table)
-    console.print(f"tolerance rel L2 {_num(summary.get('tolerance'), 'g')} · talk s<step>, pred f<frame>.s<sub-step>, "
+    console.print(f"tolerance rel L2 {_num(summary.tolerance, 'g')} · talk s<step>, pred f<frame>.s<sub-step>, "
                   "L<layer> · flip: first teacher-forced token flip; margin: its logit margin, tie = within 3x the "
-                  "logit noise · agree: free-running codes equal", style="dim", markup=False, highlight=False)
-    for pid, text in notes:
-        console.print(f"{pid}: hint: {text}", markup=False, highlight=False)
+                  "noise floor, sampler = not what the reference's sampler picks · agree: free-running codes equal",
+                  style="dim", markup=False, highlight=False)
+    for line in hint_lines(summary, verbose):
+        console.print(line, markup=False, highlight=False)
+    print_modes(summary, console)
     o = overview(summary, bisect)
     if o.where:
         console.print("where: " + "; ".join(f"{n}/{o.ran} at {place}" for place, n in o.where_short[:3])
                       + (f"; {o.within}/{o.ran} within tolerance" if o.within else ""), markup=False, highlight=False)
     if o.why:
-        console.print(f"why: {o.why.removeprefix('hint: ')}", markup=False, highlight=False)
+        console.print(f"why: {o.why}", markup=False, highlight=False)
     audio = [x for x in (o.mos_short, o.audible_short) if x]
     if audio:
         console.print("audio: " + "; ".join(audio), markup=False, highlight=False)
@@ -105,7 +117,41 @@ def print_summary(summary: dict, console: Console, seconds: float | None = None,
     if o.low_agreement:
         console.print(f"! passes, but free-running codes agree on under {LOW_AGREEMENT:.0%} of frames: "
                       f"{', '.join(o.low_agreement)}", style="yellow", markup=False, highlight=False)
-    if summary.get("failure"):
-        console.print(f"run failed: {summary['failure']}", style="red", markup=False, highlight=False)
+    if summary.failure:
+        console.print(f"run failed: {summary.failure}", style="red", markup=False, highlight=False)
+    for line in footer:
+        console.print(line, markup=False, highlight=False)
     text, style = closing_line(summary, seconds)
     console.rule(Text(text, style=f"bold {style}"), style=style)
+
+
+def print_modes(summary: Summary, console: Console) -> None:
+    """Voice cloning: how each side encoded the reference clip; batching: the per-row answer."""
+    for p in summary.prompts:
+        clip = p.extra.get("reference_clip") or (p.comparison.extra.get("reference_clip") if p.comparison else None)
+        if not clip:
+            continue
+        text = f"{p.id}: reference clip ({clip['mode']})"
+        if clip["mode"] == "icl":
+            text += " codes " + ("identical" if clip.get("codes_equal") else f"differ from frame {clip['first_code_diff']['frame']} "
+                                 f"(agreement {_fmt(clip.get('code_agreement'), '.1%')})")
+        text += f", speaker embedding rel L2 {_fmt(clip.get('speaker_rel_l2'))}"
+        console.print(text, markup=False, highlight=False)
+    batch = summary.extra.get("batch")
+    if not batch:
+        return
+    table = Table(title=f"batch of {batch['size']}: each row vs the batch-1 reference", box=box.SIMPLE_HEAD,
+                  pad_edge=False, show_edge=False, collapse_padding=True)
+    for col in ("prompt", "row", "pad", "max", "prefill", "1st div", "at prefill", "other", "vs other", "dep"):
+        table.add_column(col, overflow="fold")
+    yes_no = {True: "yes", False: "no", None: "-"}
+    for r in batch["rows"]:
+        table.add_row(r["prompt"], str(r["row"]), str(r["pad"]), _fmt(r.get("max_rel_l2"), ".2g"), _fmt(r["prefill_rel_l2"], ".2g"),
+                      _fmt(r["first_divergence_step"], "d"), yes_no[r["enters_at_prefill"]],
+                      f"{_fmt(r['other_row'], 'd')}/{_fmt(r['other_pad'], 'd')}", _fmt(r["vs_other_rel_l2"], ".2g"),
+                      yes_no[r["depends_on_mates"]])
+    console.print(table)
+    console.print("max / prefill: largest rel L2 vs batch 1 (all points / the prefill); 1st div: first divergent step; "
+                  "other: row/pad in a second arrangement (another position, other batch-mates where the file allows); "
+                  "dep: the row changed between the two", style="dim", markup=False, highlight=False)
+    console.print(f"batch: {batch['verdict']}", markup=False, highlight=False)

@@ -11,7 +11,6 @@ that does not fit is linked by relative path instead of embedded.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from jinja2 import Environment, PackageLoader
@@ -19,10 +18,11 @@ from jinja2 import Environment, PackageLoader
 from parity.audio_align import CODEC_FRAME_RATE
 from parity.gates import where
 from parity.report import audio, plots, rundata
-from parity.report.overview import bisect_why, hints_of, mos_scorer, overview, short_where
+from parity.report.overview import bisect_why, mos_scorer, overview, short_where
+from parity.results import BisectOutcome, Summary
 from parity.report.step_summary import gate_table, write_step_summary
 
-SIZE_LIMIT = 5_000_000  # bytes of report.html (issue: <= 5 MB for 18 prompts x 500 frames)
+SIZE_LIMIT = 2_000_000  # bytes of report.html (<= 2 MB at 18 prompts x 32 frames with all audio; 18 x 500 stays within it too)
 _MARGIN = 64_000  # slack for the markup around embedded audio
 
 
@@ -145,12 +145,13 @@ def bisect_view(result: dict | None) -> dict | None:
     def cell(o: dict | None) -> dict:
         if not isinstance(o, dict):
             return {"text": "-", "cls": ""}
-        first = o.get("first_divergence")
-        if o.get("diverges") and first:
-            text = f"diverges at {short_where(first)} ({_num(first.get('rel_l2'), '.2g')})"
+        out = BisectOutcome.from_json(o)
+        first = out.first_divergence
+        if out.diverges and first is not None:
+            text = f"diverges at {short_where(first)} ({'NaN/inf' if first.nonfinite else _num(first.rel_l2, '.2g')})"
         else:
-            text = f"within tolerance (max {_num(o.get('max_rel_l2'), '.2g')})"
-        return {"text": f"{text} · run {o.get('run', '-')}", "cls": "fail" if o.get("diverges") else "pass"}
+            text = f"within tolerance (max {'NaN/inf' if out.nonfinite else _num(out.max_rel_l2, '.2g')})"
+        return {"text": f"{text} · run {out.run}", "cls": "fail" if out.diverges else "pass"}
 
     culprits = set(result.get("culprits") or [])
     rows = [{"setting": str(f.get("describe") or f.get("name")).replace(" -> ", " → "), "reload": "yes" if f.get("load_time") else "no",
@@ -215,12 +216,15 @@ def bisect_command(summary: dict, run_dir: Path) -> str:
 
 def _settings(sides: dict) -> dict:
     """Both sides' settings as rows (key, values per side, differs?)."""
-    roles = list(sides)
     keys: list[str] = []
-    for s in sides.values():
-        keys += [k for k in (s or {}) if k not in keys]
-    rows = [{"key": k, "values": [show((sides[r] or {}).get(k)) for r in roles],
-             "differs": len({show((sides[r] or {}).get(k)) for r in roles}) > 1} for k in keys]
+    # Before any side has loaded, a failed run has only its recipe here, whose values are not all
+    # tables (name, model, ...): only table-valued entries are sides.
+    tables_only = {r: s for r, s in sides.items() if isinstance(s, dict)} if isinstance(sides, dict) else {}
+    roles = list(tables_only)
+    for s in tables_only.values():
+        keys += [str(k) for k in s if str(k) not in keys]
+    rows = [{"key": k, "values": [show(tables_only[r].get(k)) for r in roles],
+             "differs": len({show(tables_only[r].get(k)) for r in roles}) > 1} for k in keys]
     return {"roles": roles, "rows": rows}
 
 
@@ -228,7 +232,7 @@ def _prompt_view(p: dict, index: int, run_dir: Path) -> dict:
     """Everything one prompt's section shows; heatmaps are drawn later (their binning depends on
     the size budget), from the grids kept here."""
     view = {"p": p, "anchor": f"prompt-{index}", "mos": mos_cells(p.get("mos")), "charts": {}, "notes": [], "grids": [],
-            "hints": hints_of(p), "scorer": mos_scorer(p.get("mos"))}
+            "scorer": mos_scorer(p.get("mos"))}
     if p.get("status") != "ok":
         return view
     c = p.get("comparison") or {}
@@ -250,7 +254,7 @@ def _prompt_view(p: dict, index: int, run_dir: Path) -> dict:
         view["notes"].append("traces are missing: no token timeline")
     else:
         charts["tokens"] = plots.token_timeline(tokens.ref_cb0, tokens.cand_cb0, tokens.forced_cb0_flip,
-                                                tokens.forced_pred_flips, c.get("first_flip"))
+                                                tokens.forced_pred_flips, c.get("first_flip"), tokens.pred_substeps)
     markers = []
     if first:
         markers.append(("first divergence", _seconds(first["step"]), plots.COLORS["marker"]))
@@ -258,6 +262,13 @@ def _prompt_view(p: dict, index: int, run_dir: Path) -> dict:
         markers.append(("first forced flip", _seconds(c["first_flip"]["step"]), plots.COLORS["forced"]))
     if (c.get("free_run") or {}).get("first_diff_frame") is not None:
         markers.append(("codes differ", _seconds(c["free_run"]["first_diff_frame"]), plots.COLORS["flip"]))
+    stop = c.get("stop") or {}
+    if stop.get("collapse"):
+        markers.append(("stop prob collapses", _seconds(stop["collapse"]["step"]), plots.COLORS["flip"]))
+    if stop.get("runaway"):
+        markers.append(("runaway (reference stops here)", _seconds(stop["runaway"]["reference_frames"]), plots.COLORS["flip"]))
+    if (c.get("sampler") or {}).get("first"):
+        markers.append(("sampler differs", _seconds(c["sampler"]["first"]["step"]), plots.COLORS["forced"]))
     if isinstance(p.get("audible_from_s"), (int, float)):
         markers.append(("audible", float(p["audible_from_s"]), "#000000"))
     view["markers"] = sorted(markers, key=lambda m: m[1])
@@ -270,7 +281,7 @@ def _draw_heatmaps(view: dict, scale: plots.Scale, max_cols: int) -> None:
         view["charts"][f"{g.component}_map"] = plots.heatmap(g, scale, view.get("first"), max_cols, f"{g.component} relative L2")
 
 
-def _with_audio(view: dict, run_dir: Path, embed: str) -> dict:
+def _with_audio(view: dict, run_dir: Path, embed: bool) -> dict:
     p = view["p"]
     if p.get("status") != "ok":
         return view
@@ -282,17 +293,17 @@ def _with_audio(view: dict, run_dir: Path, embed: str) -> dict:
             "time_axis": plots.time_axis(duration, view.get("markers", [])) if duration else None}
 
 
-def _render(summary: dict, run_dir: Path, views: list[dict], embed: dict[str, str], scale: plots.Scale,
+def _render(summary: dict, run_dir: Path, views: list[dict], embed: dict[str, bool], scale: plots.Scale,
             max_cols: int) -> str:
     prompts = summary.get("prompts", [])
     bisect = summary.get("bisect") or rundata.load_bisect(run_dir)
     bisect_result = bisect if isinstance(bisect, dict) and ("verdict" in bisect or "factors" in bisect) else None
-    views = [_with_audio(v, run_dir, embed.get(v["p"]["id"], audio.LINK)) for v in views]
+    views = [_with_audio(v, run_dir, embed.get(v["p"]["id"], False)) for v in views]
     with_audio = [v for v in views if any(c.src for c in v.get("clips", []))]
     settings = _settings(summary.get("sides") or (summary.get("recipe") or {}))
     return _env().get_template("report.html.j2").render(
         s=summary,
-        o=overview(summary, bisect_result),
+        o=overview(Summary.from_json(summary), bisect_result),
         gates=gate_table(summary),
         settings=settings,
         differs=[r for r in settings["rows"] if r["differs"]],
@@ -302,13 +313,12 @@ def _render(summary: dict, run_dir: Path, views: list[dict], embed: dict[str, st
         bisect=bisect_view(bisect_result),
         bisect_tables=tables(bisect) if bisect and bisect_result is None else [],
         linked=[v["p"]["id"] for v in with_audio if any(c.src and not c.embedded for c in v["clips"])],
-        compressed=[v["p"]["id"] for v in with_audio if any(c.kind == audio.OGG for c in v["clips"])],
         glossary=GLOSSARY,
         bisect_command=bisect_command(summary, run_dir),
         colorbar=plots.colorbar(scale),
         scale=scale,
         frame_rate=CODEC_FRAME_RATE,
-        embedded=sum(k != audio.LINK for k in embed.values()),
+        embedded=sum(embed.values()),
         tables=tables,
         max_cols=max_cols,
     )
@@ -331,14 +341,16 @@ def render(summary: dict, run_dir: Path, size_limit: int = SIZE_LIMIT) -> str:
             break
         max_cols = max(25, max_cols // 2)
     embed = audio.plan(run_dir, [v["p"] for v in views if v["p"].get("status") == "ok"], size_limit - size - _MARGIN)
-    if all(k == audio.LINK for k in embed.values()):
+    if not any(embed.values()):
         return bare
     return _render(summary, run_dir, views, embed, scale, max_cols)
 
 
-def write(summary: dict, run_dir: Path, path: Path) -> None:
+def write(summary: Summary | dict, run_dir: Path, path: Path) -> None:
     """Write report.html atomically; also append the GitHub job summary when running there."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(render(summary, Path(run_dir)), encoding="utf-8")
-    os.replace(tmp, path)
+    if isinstance(summary, Summary):
+        summary = summary.to_json()  # the template reads the records' JSON form (same names)
+    from parity.outdir import atomic_write_text
+
+    atomic_write_text(Path(path), render(summary, Path(run_dir)))
     write_step_summary(summary)

@@ -11,12 +11,11 @@ readers look. Text from the run is stripped of characters XML 1.0 cannot carry.
 
 from __future__ import annotations
 
-import os
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from parity.gates import where
+from parity.results import Gate, Summary
 
 _INVALID_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
@@ -27,38 +26,38 @@ def _clean(text: object) -> str:
 
 def _seconds(timing: dict | None, n_cases: int) -> str:
     """The prompt's engine time, shared evenly by its cases (so suite totals stay right)."""
-    total = sum(v for v in (timing or {}).values() if isinstance(v, (int, float)))
+    total = sum(v for v in (timing or {}).values() if isinstance(v, (int, float)) and not isinstance(v, bool))
     return f"{total / max(n_cases, 1):.3f}"
 
 
-def build(summary: dict) -> ET.Element:
+def build(summary: Summary) -> ET.Element:
     """The <testsuites> tree for a run summary."""
     suites = ET.Element("testsuites", name="parity")
-    suite = ET.SubElement(suites, "testsuite", name=_clean(f"parity.{(summary.get('recipe') or {}).get('name', 'run')}"))
+    suite = ET.SubElement(suites, "testsuite", name=_clean(f"parity.{summary.recipe.get('name', 'run')}"))
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-    for prompt in summary.get("prompts", []):
-        classname = _clean(f"parity.{prompt['id']}")
-        if prompt.get("status") != "ok":
+    for prompt in summary.prompts:
+        classname = _clean(f"parity.{prompt.id}")
+        if not prompt.ran:
             case = ET.SubElement(suite, "testcase", classname=classname, name="run", time="0")
-            ET.SubElement(case, "skipped", message=_clean(f"prompt not run ({prompt.get('status')})"))
+            ET.SubElement(case, "skipped", message=_clean(f"prompt not run ({prompt.status})"))
             counts["tests"] += 1
             counts["skipped"] += 1
             continue
-        first = (prompt.get("comparison") or {}).get("first_divergence")
-        context = f"first divergence: {where(first) if first else 'none'}"
-        gates = prompt.get("gates") or [{"name": "run", "passed": True, "detail": "no gate evaluated"}]
-        per_case = _seconds(prompt.get("timing"), len(gates))
+        first = prompt.comparison.first_divergence if prompt.comparison else None
+        context = f"first divergence: {first.where() if first else 'none'}"
+        gates = prompt.gates or [Gate("run", True, "no gate evaluated")]
+        per_case = _seconds(prompt.timing, len(gates))
         for gate in gates:
-            case = ET.SubElement(suite, "testcase", classname=classname, name=_clean(gate["name"]), time=per_case)
+            case = ET.SubElement(suite, "testcase", classname=classname, name=_clean(gate.name), time=per_case)
             counts["tests"] += 1
-            if not gate["passed"]:
+            if not gate.passed:
                 counts["failures"] += 1
-                ET.SubElement(case, "failure", message=_clean(gate["detail"]), type="parity.gate").text = _clean(
-                    f"{gate['detail']}\n{context}")
-            ET.SubElement(case, "system-out").text = _clean(f"{gate['detail']}; {context}")
-    if summary.get("failure"):
+                ET.SubElement(case, "failure", message=_clean(gate.detail), type="parity.gate").text = _clean(
+                    f"{gate.detail}\n{context}")
+            ET.SubElement(case, "system-out").text = _clean(f"{gate.detail}; {context}")
+    if summary.failure:
         case = ET.SubElement(suite, "testcase", classname="parity", name="engine", time="0")
-        ET.SubElement(case, "error", message=_clean(summary["failure"]), type="parity.engine")
+        ET.SubElement(case, "error", message=_clean(summary.failure), type="parity.engine")
         counts["tests"] += 1
         counts["errors"] += 1
     for element in (suite, suites):
@@ -67,9 +66,9 @@ def build(summary: dict) -> ET.Element:
     return suites
 
 
-def write(summary: dict, path: Path) -> None:
+def write(summary: Summary | dict, path: Path) -> None:
     """Write junit.xml atomically."""
-    tree = ET.ElementTree(build(summary))
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tree.write(tmp, encoding="utf-8", xml_declaration=True)
-    os.replace(tmp, path)
+    tree = ET.ElementTree(build(summary if isinstance(summary, Summary) else Summary.from_json(summary)))
+    from parity.outdir import atomic_write_with
+
+    atomic_write_with(Path(path), lambda tmp: tree.write(tmp, encoding="utf-8", xml_declaration=True))

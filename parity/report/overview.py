@@ -1,8 +1,8 @@
 """The run at a glance: where the sides part, why, and whether it matters.
 
-Pure functions over summary.json's content (and a bisect result, when there is one); the HTML
-report's first screen and the console's closing lines both print what these return, so the two
-always say the same thing.
+Pure functions over the run's :class:`~parity.results.Summary` record (and a bisect result, when
+there is one); the HTML report's first screen and the console's closing lines both print what
+these return, so the two always say the same thing.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
-from parity.gates import where
+from parity.results import BisectOutcome, Flip, Point, PromptResult, Summary
 
 LOW_AGREEMENT = 0.5  # free-running token agreement under this is flagged next to a "pass"
 
@@ -21,40 +21,35 @@ SCORERS = {  # what each MOS scorer is, in words, for the "does it matter" line
 }
 
 
-def short_where(point: dict | None) -> str:
-    """A short stable label for a compared point: 'talk s1 L0', 'talk s0 emb', 'pred f0.s10 L1'."""
-    if not point:
+def short_where(point: Point | Flip | None) -> str:
+    """A short stable label for a compared point or a flip: 'talk s1 L0', 'talk s0 emb',
+    'pred f0.s10 L1' (a flip has no point: 'pred f0.s10')."""
+    if point is None:
         return "-"
-    name = str(point.get("point", ""))
+    name = getattr(point, "point", "")
     tag = {"embed": "emb"}.get(name, name)
     if name.startswith("layer") and name[5:].isdigit():
         tag = "L" + name[5:]
-    if point.get("component") == "talker":
-        return f"talk s{point.get('step')} {tag}"
-    return f"pred f{point.get('step')}.s{point.get('substep')} {tag}"
+    at = f"talk s{point.step}" if point.component == "talker" else f"pred f{point.step}.s{point.substep}"
+    return f"{at} {tag}".rstrip()
 
 
-def hints_of(prompt: dict) -> list[dict]:
-    """A prompt's hints as dicts with 'text' (and maybe 'evidence', 'signature'), wherever the
-    summary keeps them (the prompt's own ``hints`` or its comparison's); plain strings are wrapped."""
-    raw = prompt.get("hints")
-    if raw is None:
-        raw = (prompt.get("comparison") or {}).get("hints")
-    out = []
-    for h in raw or []:
-        if isinstance(h, dict) and h.get("text"):
-            out.append(h)
-        elif isinstance(h, str) and h:
-            out.append({"text": h})
-    return out
+def hints_of(prompt: PromptResult) -> list[dict]:
+    """A prompt's hints (dicts with ``text``, ``class`` and ``evidence``); plain strings are wrapped."""
+    raw = prompt.comparison.hints if prompt.comparison is not None else []
+    return [h if isinstance(h, dict) else {"text": str(h)} for h in raw or [] if (h.get("text") if isinstance(h, dict) else h)]
+
+
+def flip_label(flip: Flip) -> str:
+    """'tie', 'real' or 'sampler': how a teacher-forced flip was judged."""
+    return str(flip.extra.get("label") or ("tie" if flip.near_tie else "real"))
 
 
 def mos_scorer(mos: dict | None) -> str | None:
-    """'DNSMOS (...) OVRL' for a prompt's MOS entry, or None."""
+    """'DNSMOS (...)' for a prompt's MOS entry, or None."""
     if not isinstance(mos, dict) or not mos.get("scorer"):
         return None
-    name = SCORERS.get(str(mos["scorer"]), str(mos["scorer"]))
-    return name
+    return SCORERS.get(str(mos["scorer"]), str(mos["scorer"]))
 
 
 @dataclass
@@ -85,37 +80,61 @@ def _pct(v: float) -> str:
 
 
 def bisect_why(bisect: dict) -> tuple[str, list[str]]:
-    """The bisect verdict and the runs that prove it."""
-    from parity.bisect import Outcome
-
+    """The bisect verdict (of ``parity bisect``'s result) and the runs that prove it."""
     evidence = []
     proof = bisect.get("proof") or {}
-    alone = proof.get("culprits_alone")
-    if alone:
-        evidence.append(f"the culprits alone on the reference: {Outcome(**alone).text()} (run {alone.get('run')})")
+    if proof.get("culprits_alone"):
+        alone = BisectOutcome.from_json(proof["culprits_alone"])
+        evidence.append(f"the culprits alone on the reference: {alone.text()} (run {alone.run})")
     if proof.get("candidate_without_is_reference"):
         evidence.append("the candidate without them is the reference itself")
     elif proof.get("candidate_without"):
-        w = proof["candidate_without"]
-        evidence.append(f"the candidate without them: {Outcome(**w).text()} (run {w.get('run')})")
+        without = BisectOutcome.from_json(proof["candidate_without"])
+        evidence.append(f"the candidate without them: {without.text()} (run {without.run})")
     for entry in bisect.get("layers") or []:
         evidence.append(f"{entry.get('factor')}: {entry.get('note')}")
     return f"bisect: {bisect.get('verdict', 'no verdict')}", evidence
 
 
-def overview(summary: dict, bisect: dict | None = None) -> Overview:
+def _leading_hint(ok: list[PromptResult]) -> tuple[str, list[str]] | None:
+    """The hint class most prompts share, with one prompt's sentence and the count."""
+    counted: Counter = Counter()
+    example: dict[str, tuple[str, dict]] = {}
+    for p in ok:
+        seen = set()
+        for h in hints_of(p):
+            key = str(h.get("class") or h["text"])
+            if key in seen:
+                continue
+            seen.add(key)
+            counted[key] += 1
+            example.setdefault(key, (p.id, h))
+    if not counted:
+        return None
+    key, n = counted.most_common(1)[0]
+    pid, h = example[key]
+    evidence = h.get("evidence")
+    measured = [f"{pid}'s evidence: " + ", ".join(f"{k.replace('_', ' ')} {_evidence(v)}" for k, v in evidence.items())] \
+        if isinstance(evidence, dict) and evidence else []
+    return f"{h['text']} ({n}/{len(ok)} prompts; the numbers are {pid}'s)", measured
+
+
+def _evidence(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def overview(summary: Summary, bisect: dict | None = None) -> Overview:
     """Summarise a run across its prompts (see the module docstring)."""
-    prompts = summary.get("prompts") or []
-    ok = [p for p in prompts if p.get("status") == "ok"]
-    o = Overview(ran=len(ok), total=len(prompts))
+    ok = [p for p in summary.prompts if p.ran and p.comparison is not None]
+    o = Overview(ran=len(ok), total=len(summary.prompts))
     places: Counter = Counter()
     short: Counter = Counter()
     for p in ok:
-        first = (p.get("comparison") or {}).get("first_divergence")
+        first = p.comparison.first_divergence
         if first is None:
             o.within += 1
         else:
-            places[where(first)] += 1
+            places[first.where()] += 1
             short[short_where(first)] += 1
     o.where = places.most_common()
     o.where_short = short.most_common()
@@ -123,47 +142,32 @@ def overview(summary: dict, bisect: dict | None = None) -> Overview:
     if bisect and bisect.get("verdict"):
         o.why, o.why_evidence = bisect_why(bisect)
         o.why_source = "bisect"
-    else:
-        counted: Counter = Counter()
-        example: dict[str, dict] = {}
-        for p in ok:
-            for h in hints_of(p):
-                key = str(h.get("signature") or h["text"])
-                counted[key] += 1
-                example.setdefault(key, h)
-        if counted:
-            key, n = counted.most_common(1)[0]
-            h = example[key]
-            o.why = f"{h['text']} ({n}/{len(ok)} prompts)"
-            o.why_evidence = [str(h["evidence"])] if h.get("evidence") else []
-            o.why_source = "hint"
+    elif (lead := _leading_hint(ok)) is not None:
+        o.why, o.why_evidence = lead
+        o.why_source = "hint"
 
-    flips = [(p.get("comparison") or {}).get("first_flip") for p in ok]
-    flips = [f for f in flips if f]
+    flips = [p.comparison.first_flip for p in ok if p.comparison.first_flip is not None]
     if flips:
-        labels = Counter(f.get("label") or ("tie" if f.get("near_tie") else "real") for f in flips)
+        labels = Counter(flip_label(f) for f in flips)
         words = {"tie": "near-ties (the reference itself was nearly undecided)", "real": "real",
                  "sampler": "the sampler's doing (not what the reference's sampler picks from the same logits)"}
         o.flips = (f"{len(flips)}/{len(ok)} prompts have a teacher-forced token flip: "
                    + ", ".join(f"{n} {words.get(k, k)}" for k, n in labels.most_common()))
 
-    agreements = [(p["id"], (p.get("comparison") or {}).get("free_run", {}).get("agreement")) for p in ok]
-    values = [a for _, a in agreements if isinstance(a, (int, float))]
+    agreements = [(p, p.comparison.free_run.agreement if p.comparison.free_run else None) for p in ok]
+    values = [a for _, a in agreements if a is not None]
     if values:
         o.agreement = (f"free-running codes agree on {_pct(statistics.median(values))} of frames (median; "
                        f"range {_pct(min(values))}-{_pct(max(values))})")
-        o.low_agreement = [pid for (pid, a), p in zip(agreements, ok)
-                           if isinstance(a, (int, float)) and a < LOW_AGREEMENT and p.get("passed")]
+        o.low_agreement = [p.id for p, a in agreements if a is not None and a < LOW_AGREEMENT and p.passed]
 
-    audible = [p.get("audible_from_s") for p in ok]
-    heard = [a for a in audible if isinstance(a, (int, float))]
-    threshold = next((p.get("audible_threshold_db") for p in ok if p.get("audible_threshold_db") is not None), None)
-    with_audio = [p for p in ok if (p.get("audio") or {}).get("reference") and (p.get("audio") or {}).get("candidate")]
+    heard = [p.audible_from_s for p in ok if p.audible_from_s is not None]
+    threshold = next((p.audible_threshold_db for p in ok if p.audible_threshold_db is not None), None)
+    with_audio = [p for p in ok if p.audio.get("reference") and p.audio.get("candidate")]
     if heard:
         o.audible_short = f"audible from {min(heard):.2f} s ({len(heard)}/{len(ok)} prompts)"
-        o.audible = (f"audibly different on {len(heard)}/{len(ok)} prompts, from {min(heard):.2f} s at the earliest "
-                     f"(first 80 ms segment over {threshold:g} dB log-mel distance)" if threshold is not None else
-                     f"audibly different on {len(heard)}/{len(ok)} prompts, from {min(heard):.2f} s at the earliest")
+        o.audible = (f"audibly different on {len(heard)}/{len(ok)} prompts, from {min(heard):.2f} s at the earliest"
+                     + (f" (first 80 ms segment over {threshold:g} dB log-mel distance)" if threshold is not None else ""))
     elif ok and not with_audio:
         o.audible = o.audible_short = "audible-from not measured: the run has no audio of both sides"
     elif ok:
@@ -172,12 +176,12 @@ def overview(summary: dict, bisect: dict | None = None) -> Overview:
         o.audible = (f"audible-from is empty on every prompt: no 80 ms segment of the two sides' audio differs by more "
                      f"than {limit} of log-mel distance ([mos] audible_db), even where the codes differ")
 
-    mos = [p.get("mos") for p in ok if isinstance(p.get("mos"), dict)]
-    deltas = [m["delta"] for m in mos if isinstance(m.get("delta"), (int, float))]
-    if deltas:
+    mos = [p.mos for p in ok if isinstance(p.mos, dict) and isinstance(p.mos.get("delta"), (int, float))]
+    if mos:
+        deltas = [m["delta"] for m in mos]
+        worst = [m.get("worst_delta", m["delta"]) for m in mos]
         scorer = mos_scorer(mos[0]) or "MOS"
         metric = str(mos[0].get("metric") or "").upper()
-        worst = [m.get("worst_delta", m["delta"]) for m in mos if isinstance(m.get("delta"), (int, float))]
         short_name = str(mos[0].get("scorer")).upper() if mos[0].get("scorer") else "MOS"
         o.mos_short = (f"ΔMOS {statistics.mean(deltas):+.3f} mean, worst {min(worst):+.3f} "
                        f"({short_name}{' ' + metric if metric else ''})")
@@ -186,7 +190,7 @@ def overview(summary: dict, bisect: dict | None = None) -> Overview:
     elif ok:
         o.mos = o.mos_short = "MOS not scored (--mos none or every clip failed)"
 
-    model = str(summary.get("model") or (summary.get("recipe") or {}).get("model") or "")
+    model = str(summary.extra.get("model") or summary.recipe.get("model") or "")
     if model.startswith("random:"):
         o.warnings.append(f"model {model} has random weights: its audio is noise, so the audio lines and MOS mean "
                           "nothing; only the numerical comparison does")

@@ -336,13 +336,13 @@ def added_bars(points: pd.DataFrame, component: str, first: dict | None) -> Mark
 
 
 def token_timeline(ref: np.ndarray, cand: np.ndarray | None, forced_cb0: np.ndarray | None,
-                   forced_pred: np.ndarray | None, first_flip: dict | None) -> Markup:
+                   forced_pred: np.ndarray | None, first_flip: dict | None, substeps: int = 15) -> Markup:
     """Free-running codebook-0 tokens of both sides over frames, with the frames where they
     differ, and the teacher-forced flips (codebook 0 and the predictor's codebooks 1-15)."""
     n = max(len(ref), len(cand) if cand is not None else 0, 1)
     vocab = max(int(ref.max(initial=0)), int(cand.max(initial=0)) if cand is not None and len(cand) else 0, 1)
     top, line_h, strip_h, gap = 8, 110, 12, 4
-    strips = ["free differs", "forced cb0", "forced cb1-15"]
+    strips = ["free differs", "forced cb0", f"forced cb1-{substeps}"]
     height = top + line_h + 6 + len(strips) * (strip_h + gap) + 26
     x_of = lambda f: LEFT + (f + .5) / n * PLOT_W  # noqa: E731
     y_of = lambda tok: top + line_h - tok / vocab * line_h  # noqa: E731
@@ -373,7 +373,7 @@ def token_timeline(ref: np.ndarray, cand: np.ndarray | None, forced_cb0: np.ndar
         marks.append((np.zeros(n, dtype=bool), COLORS["flip"], None))
     marks.append((forced_cb0 if forced_cb0 is not None else np.zeros(0, dtype=bool), COLORS["forced"], None))
     if forced_pred is not None:
-        marks.append((forced_pred > 0, COLORS["forced"], forced_pred / 15.0))
+        marks.append((forced_pred > 0, COLORS["forced"], forced_pred / float(substeps)))
     else:
         marks.append((np.zeros(0, dtype=bool), COLORS["forced"], None))
     for (mask, color, alpha), label in zip(marks, strips):

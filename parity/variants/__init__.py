@@ -67,6 +67,10 @@ def parse_all(texts: Iterable[str | Spec], engine: str | None = None) -> list[Sp
         key = str(spec)
         if key in seen:
             raise BadInput(f"variant '{key}' is given twice")
+        for other in seen.values():
+            if other.name == spec.name and not get_variant(spec.name).stackable and other.scope.overlaps(spec.scope):
+                raise BadInput(f"variants '{other}' and '{key}' both apply to the same layers; give each layer one "
+                               f"{spec.name} setting (e.g. restrict them with @talker / @predictor:A-B)")
         seen[key] = spec
     return specs
 

@@ -36,6 +36,14 @@ class Scope:
     def covers(self, component: str) -> bool:
         return self.component in (None, component)
 
+    def overlaps(self, other: "Scope") -> bool:
+        """True when both scopes include some layer (or non-layer part) of the same component."""
+        if self.component is not None and other.component is not None and self.component != other.component:
+            return False
+        if self.layers is None or other.layers is None:
+            return True
+        return self.layers[0] < other.layers[1] and other.layers[0] < self.layers[1]
+
     def text(self) -> str:
         if self.component is None:
             return ""
@@ -180,6 +188,7 @@ class Variant(ABC):
     outside_layers: bool = False  # a whole-component scope also changes parts outside the decoder layers
     engines: tuple[str, ...] = ("reference", "faster")
     needs_layer: bool = False  # the spec must name a component and a layer
+    stackable: bool = False  # several specs of this variant may cover the same layers
 
     def check(self, spec: Spec, engine: str | None = None) -> Spec:
         """Validate a parsed spec for this variant; returns it with the default arg filled in."""

@@ -38,6 +38,7 @@ class MaskRow(Variant):
     default_arg = "1"
     per_layer = False
     needs_layer = True
+    stackable = True  # several masked rows (other steps) on one layer are meaningful
 
     def _arg_ok(self, arg: str | None) -> bool:
         return arg is not None and arg.isdigit() and int(arg) >= 1

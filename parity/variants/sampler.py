@@ -68,6 +68,22 @@ def compare_samplers(params: SamplingParams, trials: int = 500, vocab: int = 204
     }
 
 
+def compare_samplers_on(rows: list[tuple[torch.Tensor, torch.Tensor]], params: SamplingParams, seed: int = 0,
+                        suppress_mask: torch.Tensor | None = None) -> dict:
+    """Both samplers on given logits (e.g. a run's recorded logits where the candidate chose
+    differently): ``rows`` are (logits [V], token history). Returns each side's tokens and how
+    many agree; trial ``i`` draws with seed ``seed * 1_000_003 + i`` on both sides."""
+    suppress = [int(i) for i in suppress_mask.nonzero().flatten()] if suppress_mask is not None else None
+    chooser = Chooser(params, torch.device("cpu"), suppress_tokens=suppress)
+    ref_tokens, fast_tokens = [], []
+    for i, (logits, history) in enumerate(rows):
+        trial_seed = seed * 1_000_003 + i
+        ref_tokens.append(chooser.choose(logits, history, torch.Generator().manual_seed(trial_seed)))
+        fast_tokens.append(faster_choose(logits, history, params, trial_seed, suppress_mask))
+    agree = sum(int(a == b) for a, b in zip(ref_tokens, fast_tokens))
+    return {"rows": len(rows), "agreement": agree / len(rows) if rows else None, "reference": ref_tokens, "faster": fast_tokens}
+
+
 def standard_cases() -> list[tuple[str, SamplingParams, str]]:
     """The cases the benchmark and tests report: greedy and seeded sampling, fp32 and bf16 logits."""
     sample = SamplingParams(do_sample=True, temperature=0.9, top_k=50, top_p=1.0, repetition_penalty=1.05)

@@ -1,0 +1,93 @@
+"""GPU benchmark of the reference-trace cache and of parity's own overhead (run by hand on an H200).
+
+    python benchmarks/bench_cache_gpu.py --out reports/bench_cache_gpu.json [--before-tree /path/to/main]
+
+1. Builds the random:0.6b checkpoint once (not timed).
+2. First run: ``parity run recipes/prompts/en_zh_18.jsonl --recipe recipes/faster-qwen3-tts.toml``
+   (18 prompts x 32 frames) on an empty reference cache.
+3. Second run: the same with only the candidate changed (``--set candidate.attention=eager``),
+   which reuses the cached reference traces. Reported: wall(second) / wall(first); goal <= 0.35.
+4. For each run, the tool's overhead: wall minus the engines' own time, where the engines' time
+   is the model loads plus every reference (not cached), teacher-forced and free-running pass,
+   as ``summary.json`` records them; as a share of wall (goal <= 15% on the first run).
+5. With ``--before-tree``, the first run again from that checkout (e.g. main before the cache),
+   for the overhead before.
+Each run is a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ARGS = ["run", "recipes/prompts/en_zh_18.jsonl", "--recipe", "recipes/faster-qwen3-tts.toml"]
+
+
+def timed(tree: Path, cache: Path, out: Path, extra: list[str] = ()) -> dict:
+    env = {**os.environ, "PARITY_CACHE": str(cache), "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "parity.cli", *ARGS, "--out", str(out), *extra], cwd=tree, env=env,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"parity run failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
+    s = json.loads((out / "summary.json").read_text())
+    prompts = [p for p in s["prompts"] if p.get("status") == "ok"]
+    reference = sum(p["timing"]["reference_s"] for p in prompts if not p["timing"].get("reference_cached"))
+    forced = sum(p["timing"]["forced_s"] for p in prompts)
+    free = sum(p["timing"]["free_s"] for p in prompts)
+    loads = sum((s.get("engine_load_s") or {}).values())
+    engines = reference + forced + free + loads
+    return {"wall_s": round(wall, 2), "engines_s": round(engines, 2), "reference_s": round(reference, 2),
+            "forced_s": round(forced, 2), "free_s": round(free, 2), "loads_s": round(loads, 2),
+            "tool_overhead_s": round(wall - engines, 2), "tool_overhead_share": round((wall - engines) / wall, 3),
+            "reference_cache": s.get("reference_cache"), "exit_code": proc.returncode,
+            "report_html_bytes": (out / "report.html").stat().st_size}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--before-tree", type=Path)
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="parity-gpu-bench-"))
+    try:
+        cache = root / "cache"
+        subprocess.run([sys.executable, "-c", "from parity.models import ensure_builtin; ensure_builtin('0.6b')"],
+                       env={**os.environ, "PARITY_CACHE": str(cache),
+                            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}, check=True, cwd=REPO)
+        first = timed(REPO, cache, root / "first")
+        second = timed(REPO, cache, root / "second", ["--set", "candidate.attention=eager"])
+        result = {
+            "what": "en_zh_18 x 32 frames, faster-qwen3-tts.toml: first run (empty reference cache) vs a second run with "
+                    "only the candidate changed (cached reference); tool overhead = wall - (model loads + engine passes)",
+            "first": first, "second_candidate_changed": second,
+            "second_over_first_wall": round(second["wall_s"] / first["wall_s"], 3),
+            "goals": {"second_over_first_wall": 0.35, "tool_overhead_share": 0.15},
+        }
+        if args.before_tree:
+            before_cache = root / "before-cache"
+            shutil.copytree(cache, before_cache, ignore=shutil.ignore_patterns("reference-traces"))
+            result["before"] = timed(args.before_tree, before_cache, root / "before")
+        try:
+            import torch
+
+            result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            pass
+        print(json.dumps(result, indent=1))
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
