@@ -23,11 +23,11 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 VERBOSITY = {"level": 0}  # -q: -1, default 0, -v: 1 (set by the root and by each command)
 
-PromptsArg = Annotated[Path, typer.Argument(help="Prompt file: one prompt per line, or JSONL with 'text'.")]
+PromptsArg = Annotated[Path, typer.Argument(help="Prompt file: text, one prompt per line; or JSONL with 'text' (.jsonl, or --format jsonl).")]
 RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe TOML (default: the built-in smoke settings).")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id, checkpoint directory, or a built-in: random:tiny, random:0.6b, random:tiny-base, random:0.6b-base, random:tiny-design.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: runs/<recipe>-<time>).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: section.key=value (repeatable).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", metavar="SECTION.KEY=VALUE", help="Override a recipe field: section.key=value (repeatable).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (no table); progress stays on stderr.")]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, show_default=False, help="More detail: every prompt's hints, progress as log lines.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only the closing line (and errors).")]
@@ -77,10 +77,7 @@ def _recipe(recipe_path, model, sets, max_frames=None, device=None, mos=None, ut
     if model:
         overrides.append(("model", model))
     if max_frames is not None:
-        if not 1 <= max_frames <= 100000:  # the recipe's own bound, named by the option the user typed
-            from parity.errors import BadInput
-
-            raise BadInput(f"--max-frames must be between 1 and 100000, got {max_frames}")
+        _check_max_frames(max_frames)
         overrides.append(("decoding.max_frames", max_frames))
     if device:
         overrides += [("reference.device", device), ("candidate.device", device)]
@@ -89,6 +86,14 @@ def _recipe(recipe_path, model, sets, max_frames=None, device=None, mos=None, ut
     if utmos_checkpoint:
         overrides.append(("mos.utmos_checkpoint", utmos_checkpoint))
     return apply_overrides(recipe, overrides) if overrides else recipe
+
+
+def _check_max_frames(max_frames: int | None) -> None:
+    """--max-frames out of range, named by the option the user typed (the recipe's own bound)."""
+    if max_frames is not None and not 1 <= max_frames <= 100000:
+        from parity.errors import BadInput
+
+        raise BadInput(f"--max-frames must be between 1 and 100000, got {max_frames}")
 
 
 def default_out(recipe_name: str) -> Path:
@@ -127,6 +132,7 @@ def run(
 
     level = _verbosity(verbose, quiet)
     mistakes.check_prompts_not_recipe(prompts)  # the cheap checks first: nothing heavy is imported yet
+    _check_max_frames(max_frames)
     if not force:  # --force with --resume is refused by the run with its own message
         mistakes.check_resume_target(out, resume)
     require_stack()  # before anything imports qwen_tts: a broken install is one line, exit 2

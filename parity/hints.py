@@ -383,7 +383,7 @@ def nonfinite_hint(detail: dict, where_text: str, drift_before: float) -> dict:
         return hint("nan_overflow", text, ev)
     text = (f"NaN from a fully masked row (or 0/0) at {where_text}: {detail.get('nan_count', 0)} NaN and no inf, from inputs "
             f"of ordinary size (max |x| {g(detail.get('cand_max_abs_before'))}, {g(grew)}x the reference's): softmax over a "
-            "row that is all -inf (FastDeploy #7028), not overflow"
+            "row that is all -inf (as fixed in FastDeploy pull request 7028), not overflow"
             + (f"; an unrelated error (rel L2 {g(drift_before)}) was already present before it" if drift_before > 0 else ""))
     return hint("nan_masked_row", text, ev)
 

@@ -119,8 +119,8 @@ def print_summary(summary: Summary, console: Console, seconds: float | None = No
                       f"{', '.join(o.low_agreement)}", style="yellow", markup=False, highlight=False)
     if summary.failure:
         console.print(f"run failed: {summary.failure}", style="red", markup=False, highlight=False)
-    for line in footer:
-        console.print(line, markup=False, highlight=False)
+    for line in footer:  # paths: left whole for copying
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     text, style = closing_line(summary, seconds)
     console.rule(Text(text, style=f"bold {style}"), style=style)
 
