@@ -119,6 +119,17 @@ def test_console_fits_80_columns_with_hints_audio_and_closing_line():
     assert "1 failed, 2 passed in 24 s" in lines[-1]
 
 
+def test_console_prints_the_flip_label_the_record_carries():
+    p = _prompt("p000", PRED, False, 0.5)
+    p["comparison"]["first_flip"].update(label="sampler", near_tie=False)
+    buf = io.StringIO()
+    print_summary(record([p]), Console(file=buf, width=80, force_terminal=False, color_system=None))
+    row = next(line for line in buf.getvalue().splitlines() if line.startswith("p000"))
+    assert "0.031 sampler" in row
+    words = " ".join(buf.getvalue().split())
+    assert "FAIL hidden within tolerance" in words  # the gate's name wraps between words, not inside one
+
+
 def test_closing_line_counts_not_run():
     s = summary([_prompt("a", None, True, 1.0)])
     s["prompts"].append({"id": "b", "status": "not_run", "passed": False, "gates": []})

@@ -76,8 +76,8 @@ def print_summary(summary: Summary, console: Console, seconds: float | None = No
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), show_edge=False, collapse_padding=True)
     for col, justify in (("prompt", "left"), ("diverges at", "left"), ("rel L2", "right"), ("first flip", "left"),
                          ("margin", "right"), ("agree", "right"), ("verdict", "left")):
-        label = col in ("diverges at", "first flip")  # short labels: never broken across lines
-        table.add_column(col, justify=justify, overflow="fold", no_wrap=label, min_width=14 if label else None)
+        label = col in ("diverges at", "first flip", "margin")  # short labels: never broken across lines
+        table.add_column(col, justify=justify, overflow="fold", no_wrap=label)
     for p in summary.prompts:
         if not p.ran or p.comparison is None:
             table.add_row(p.id, p.status, "", "", "", "", Text("not run", "yellow"))
@@ -90,7 +90,8 @@ def print_summary(summary: Summary, console: Console, seconds: float | None = No
             if agreement is not None and agreement < LOW_AGREEMENT:
                 verdict.append(" !", "bold yellow")
         else:
-            verdict = Text("FAIL ", "red").append(",".join(g.name for g in p.failed_gates()))
+            # Gate names as words ("hidden within tolerance"): a narrow column wraps between them, never mid-word.
+            verdict = Text("FAIL ", "red").append(", ".join(g.name.replace("_", " ") for g in p.failed_gates()))
         rel = ("inf" if first.nonfinite else first.rel_l2) if first else c.max_rel_l2
         margin = "-" if flip is None else f"{_num(flip.cand_margin)} {flip_label(flip)}"
         table.add_row(p.id, short_where(first) if first else "none", _num(rel),

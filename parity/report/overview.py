@@ -42,7 +42,7 @@ def hints_of(prompt: PromptResult) -> list[dict]:
 
 def flip_label(flip: Flip) -> str:
     """'tie', 'real' or 'sampler': how a teacher-forced flip was judged."""
-    return str(flip.extra.get("label") or ("tie" if flip.near_tie else "real"))
+    return str(flip.label or ("tie" if flip.near_tie else "real"))
 
 
 def mos_scorer(mos: dict | None) -> str | None:
