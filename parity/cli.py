@@ -242,6 +242,29 @@ def engines() -> None:
     console.print(table)
 
 
+@app.command(name="traits")
+def traits_cmd(
+    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe whose two sides to list traits for (default: the built-in smoke recipe).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """List the engine traits of a recipe's two engines: what each computes differently from the reference, the
+    directions it supports (reference + trait, candidate - trait) and whether parity bisect searches it."""
+    from parity.traits import listing
+
+    rec = _recipe(recipe, None, set_)
+    rows = listing(rec.reference, rec.candidate)
+    if not rows:
+        engines = " nor the ".join(dict.fromkeys((rec.reference.engine, rec.candidate.engine)))
+        console.print(f"no traits: the {engines} engine declares none")
+        return
+    console.print(f"engine traits: {rec.reference.label()} vs {rec.candidate.label()}", markup=False, highlight=False)
+    for r in rows:
+        state = "searched by parity bisect" if r["state"] == "active" else r["state"]
+        needs = f"; needs {', '.join(r['requires'])}" if r["requires"] else ""
+        console.print(f"{r['trait']} [{', '.join(r['directions'])}] {state}\n    {r['summary']}\n"
+                      f"    realised by {r['realised_by']}{needs}", markup=False, highlight=False)
+
+
 cache_app = typer.Typer(no_args_is_help=True, help="The reference-trace cache ($PARITY_CACHE/reference-traces).")
 app.add_typer(cache_app, name="cache")
 
