@@ -361,7 +361,10 @@ class Search:
         while True:
             rest = [n for n in names if n not in culprits]
             found = self.minimal_diverging(rest)
-            culprits = [n for n in names if n in self.close(set(culprits) | set(found))]
+            closed = self.close(set(culprits) | set(found))
+            if closed != set(culprits) | set(found):  # what the found traits require came along: minimise again
+                closed = set(self.shrink([n for n in names if n in closed]))
+            culprits = [n for n in names if n in closed]
             remaining = self.drop(names, culprits)
             if not remaining:
                 without = None  # the candidate without every setting is the reference itself
@@ -394,8 +397,23 @@ class Search:
             result.update(self.engine_verdict(culprits, holds))
             if result.get("unexplained"):
                 result["verdict"] += f"; {result['unexplained']['text']}"
+            elif result.get("engine_note"):
+                result["verdict"] += f"; {result['engine_note']}"
         result["settings_runs"] = settings_runs
         return self._finish(result)
+
+    def shrink(self, culprits: list[str]) -> list[str]:
+        """A diverging closed set made 1-minimal among closed sets: drop one setting (with what
+        needs it) while the rest still diverges."""
+        changed = True
+        while changed:
+            changed = False
+            for name in culprits:
+                smaller = self.drop(culprits, [name])
+                if smaller and self.test(smaller, "search").diverges:
+                    culprits, changed = smaller, True
+                    break
+        return culprits
 
     def drop(self, names: list[str], dropped: Iterable[str]) -> list[str]:
         """``names`` without ``dropped`` and without whatever needs one of them (with traits)."""
@@ -406,27 +424,34 @@ class Search:
         return [n for n in names if n in keep]
 
     def engine_verdict(self, culprits: list[str], holds: bool) -> dict:
-        """What the traits explain: the traits among the culprits, and, when the engine itself is
-        a culprit (no combination of its traits reproduces the divergence), what stays
-        unexplained, shown by the candidate engine run with every trait removed."""
+        """What the traits explain. ``engine`` among the culprits is a verdict (``unexplained``)
+        only when no combination of traits reproduces the divergence: the candidate engine with
+        every trait removed still diverges, or the divergence needs the rest of the engine beside
+        traits that could have been applied to the reference. When ``engine`` is there only because
+        a culprit trait exists only on the candidate engine (a CUDA graph), the traits explain it."""
         traits = [n for n in culprits if self.by_name[n].kind == "trait"]
-        out: dict[str, Any] = {"explained_by_traits": traits if holds and ENGINE not in culprits else []}
         if ENGINE not in culprits:
-            out["unexplained"] = None
-            return out
+            return {"explained_by_traits": traits if holds else [], "unexplained": None}
         rest = self.test([ENGINE], "residue")
         engine = self.space.candidate.engine
+        by_name = {t.qualified: t for t in self.space.pair.active}
+        only_there = [n for n in traits if by_name[n].apply is None and not by_name[n].field]
         if rest.diverges:
             text = (f"engine: no combination of the {engine} engine's traits reproduces the divergence; the {engine} "
                     f"engine with every trait removed still {rest.text()}: something its traits do not describe "
                     f"(run {rest.run})")
+        elif only_there:
+            return {"explained_by_traits": traits if holds else [], "unexplained": None,
+                    "engine_note": (f"engine is among the culprits only because {', '.join(only_there)} can only be "
+                                    f"removed from the {engine} engine, not applied to the reference; the {engine} "
+                                    f"engine with every trait removed is within tolerance (run {rest.run})")}
         else:
-            needs = ", ".join(traits) or "nothing"
-            text = (f"engine: the divergence needs the {engine} engine itself together with {needs}: applied to the "
-                    f"reference, no combination of its traits reproduces it; the {engine} engine with every trait "
-                    f"removed is within tolerance (run {rest.run})")
-        out["unexplained"] = {"factors": culprits, "text": text, "engine_without_traits": rest.to_json()}
-        return out
+            text = (f"engine: the divergence needs the rest of the {engine} engine together with "
+                    f"{', '.join(traits) or 'none of its traits'}: applied to the reference, no combination of its "
+                    f"traits reproduces it, and the {engine} engine with every trait removed is within tolerance "
+                    f"(run {rest.run})")
+        return {"explained_by_traits": [], "unexplained": {"factors": culprits, "text": text,
+                                                             "engine_without_traits": rest.to_json()}}
 
     def layer_bisect(self, name: str, culprits: list[str], alone: Outcome) -> dict:
         """Smallest k such that the culprit applied to the first k positions diverges: the first

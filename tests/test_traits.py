@@ -305,7 +305,12 @@ def test_bisect_finds_a_planted_trait_among_innocent_ones(tiny_dir, one_prompt, 
     assert not any(result["alone"][n]["diverges"] for n in innocent)
     assert all(result["removed"][n]["diverges"] for n in innocent)
     assert result["counts"]["loads"] == 2  # one reference, one engine: traits change in place
-    saved = json.loads((tmp_path / "out" / "bisect.json").read_text())["bisect"]
+    document = json.loads((tmp_path / "out" / "bisect.json").read_text())
+    schema = json.loads((Path(__file__).resolve().parents[1] / "parity" / "schema" / "bisect.schema.json").read_text())
+    import jsonschema
+
+    assert not list(jsonschema.Draft202012Validator(schema).iter_errors(document))
+    saved = document["bisect"]
     records = {r["trait"]: BisectTrait.from_json(r) for r in saved["traits"]}
     assert records["faster.decode_mask"].state == "active"
     assert records["faster.talker_graph"].state.startswith("inactive") and records["faster.talker_graph"].directions == ["candidate - trait"]
