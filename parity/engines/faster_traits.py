@@ -88,7 +88,8 @@ def _apply_decode_mask(engine, applied: Applied) -> None:
         pos = int(position[0])
         static = cache.get_max_cache_shape()
         length = static if static and static > 0 else pos + 1
-        capacity = length if static and static > 0 else max(256, 2 * length)
+        # A dynamic cache grows: build the table for the next power of two, so it is rebuilt rarely.
+        capacity = length if static and static > 0 else max(256, 1 << (length - 1).bit_length())
         mask2d = kwargs.get("attention_mask")
         padding = None
         if mask2d is not None and mask2d.dim() == 2 and not bool(mask2d.all()):
