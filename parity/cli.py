@@ -148,7 +148,7 @@ def _cache_line(info: dict) -> str:
 def bisect(
     prompts: PromptsArg,
     recipe: RecipeOpt = None,
-    factors: Annotated[Optional[str], typer.Option("--factors", help="Comma-separated settings to bisect over: side fields (dtype, attention, cache, tf32, ...) or variant specs (rmsnorm_lowp@talker). Default: every setting that differs.")] = None,
+    factors: Annotated[Optional[str], typer.Option("--factors", help="Comma-separated settings to bisect over: side fields (dtype, attention, cache, tf32, ...), variant specs (rmsnorm_lowp@talker) or engine traits (faster.decode_mask; naming the engine or one of its traits searches all of them). Default: every setting that differs.")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Teacher-forced frames per probe run.")] = 8,
     out: OutOpt = None,
     model: ModelOpt = None,
