@@ -141,23 +141,27 @@ def load_faster(tiny_dir, side=CAND) -> FasterEngine:
 
 # -- all traits together ----------------------------------------------------------------------
 
-def test_every_trait_turns_one_engine_into_the_other_bit_for_bit(tiny_dir, prompt, reference, reference_trace):
+@pytest.mark.parametrize("dec", [DEC, Decoding(max_frames=FRAMES, do_sample=True, seed=3)], ids=["greedy", "seeded"])
+def test_every_trait_turns_one_engine_into_the_other_bit_for_bit(dec, tiny_dir, prompt, reference, reference_trace):
     """The reference with every faster trait applied (and its static cache) computes exactly what
-    the engine computes; the engine with every trait removed (and a dynamic cache) exactly what the
-    reference computes. Plain, the two differ: the traits are what differs."""
+    the engine computes, its own token choices included (also drawn under seeded sampling); the
+    engine with every trait removed (and a dynamic cache) exactly what the reference computes.
+    Plain, the two differ: the traits are what differs."""
     engine = load_faster(tiny_dir)
-    fast = engine.run(prompt, DEC, force=reference_trace)
+    fast = engine.run(prompt, dec, force=reference_trace)
     assert not torch.equal(fast.talker_hidden, reference_trace.talker_hidden)
     assert not torch.equal(fast.pred_hidden, reference_trace.pred_hidden)
 
     every = ("faster.prefill", "faster.decode_mask", "faster.predictor_cache", "faster.sampler")
     reference.reconfigure(replace(REF, cache=CAND.cache, traits=every))
     try:
-        assert same(reference.run(prompt, DEC, force=reference_trace), fast)
+        assert same(reference.run(prompt, dec, force=reference_trace), fast)
     finally:
         reference.reconfigure(REF)
     engine.reconfigure(replace(CAND, cache="dynamic", traits=tuple("-" + t for t in every)))
-    assert same(engine.run(prompt, DEC, force=reference_trace), reference.run(prompt, DEC, force=reference_trace))
+    assert same(engine.run(prompt, dec, force=reference_trace), reference.run(prompt, dec, force=reference_trace))
+    if dec.do_sample:  # the draws are real: some own choice differs from the forced greedy tokens
+        assert not torch.equal(choices(fast), torch.cat([reference_trace.talker_tokens, reference_trace.codes[:, 1:].flatten()]))
     engine.close()
 
 

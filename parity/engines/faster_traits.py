@@ -160,6 +160,8 @@ class EngineChooser:
     frames and repetition penalty; the predictor's samples plainly. Logits stay in their dtype and
     a draw uses the global generator, as in the engine."""
 
+    _seeded_for = None  # the run's generator whose seed last seeded the global one
+
     def __init__(self, params, device, eos_token_id: int | None = None, min_new_tokens: int = 0,
                  suppress_tokens: list[int] | None = None):
         self.params = params
@@ -169,6 +171,10 @@ class EngineChooser:
         from faster_qwen3_tts.sampling import apply_repetition_penalty, sample_logits
 
         p = self.params
+        if generator is not None and EngineChooser._seeded_for is not generator:
+            # The engine seeds the global generator once per run (torch.manual_seed) and draws from it.
+            torch.manual_seed(generator.initial_seed())
+            EngineChooser._seeded_for = generator
         logits = logits.unsqueeze(0).clone()
         kwargs = {}
         if self.eos is not None:
