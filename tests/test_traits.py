@@ -368,3 +368,21 @@ def test_graph_traits_removed_and_undone_on_a_gpu(tiny_dir, prompt, reference_tr
     assert (tg.graph, pg.graph) == captured
     assert same(engine.run(prompt, DEC, force=reference_trace), graphs)
     engine.close()
+
+
+# -- any engine can declare traits --------------------------------------------------------------
+
+def test_the_worked_example_engine_declares_its_trait_and_bisect_names_it(tiny_dir, one_prompt):
+    """example-perturbed (docs/engines.md) declares its planted noise as a trait: bisect names the
+    trait, not the engine, with no code in parity that knows this engine."""
+    from parity.bisect import bisect
+
+    side = Side(dtype="float32", attention="sdpa", cache="dynamic", device="cpu")
+    recipe = Recipe(name="example", reference=side, candidate=replace(side, engine="example-perturbed"), decoding=DEC)
+    result = bisect(one_prompt, recipe, None, 3, None)
+    assert [f["name"] for f in result["factors"]] == ["engine", "example-perturbed.layer_noise"]
+    assert result["culprits"] == ["example-perturbed.layer_noise"] and result["proof"]["holds"]
+    first = result["proof"]["culprits_alone"]["first_divergence"]
+    assert (first["component"], first["step"], first["point"]) == ("talker", 2, "layer1")  # where it is planted
+    assert not result["alone"]["engine"]["diverges"]  # the engine without its trait is the reference
+    assert result["unexplained"] is None
