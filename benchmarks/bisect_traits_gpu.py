@@ -2,8 +2,12 @@
 
 Runs the real command line, once per recipe, and keeps what a user would see::
 
-    python benchmarks/bisect_traits_gpu.py --out "$OUT"            # on the GPU machine, repo root
-    python benchmarks/bisect_traits_gpu.py --out reports/bisect-traits-gpu --steps 8
+    python benchmarks/bisect_traits_gpu.py --out reports/bisect-traits-gpu            # both recipes
+    python benchmarks/bisect_traits_gpu.py --out reports/bisect-traits-gpu --recipes faster-qwen3-tts
+    python benchmarks/bisect_traits_gpu.py --out reports/bisect-traits-gpu --recipes faster-qwen3-tts-eager
+
+(one recipe per command where a command may run 10 minutes at most: the summary keeps the
+entries of recipes run before and replaces those run again).
 
 For each recipe (default ``faster-qwen3-tts`` and ``faster-qwen3-tts-eager``, 0.6B dimensions,
 bf16, CUDA graphs over a StaticCache of 2048) it writes ``OUT/<recipe>/bisect.json`` (parity's
@@ -89,12 +93,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     entries = []
     for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
-        entries.append(run_one(name, args.prompts, args.steps, args.out.resolve()))
+        entries.append(run_one(name, args.prompts, args.steps, args.out.resolve()) | {"prompts": args.prompts, "steps": args.steps})
         print(json.dumps({k: entries[-1].get(k) for k in ("recipe", "exit", "wall_s", "verdict")}), flush=True)
+    path = args.out / "bench_bisect_traits_gpu.json"
+    done = {e["recipe"] for e in entries}
+    earlier = json.loads(path.read_text(encoding="utf-8"))["recipes"] if path.exists() else []
     summary = {"benchmark": "parity bisect over faster-qwen3-tts engine traits", "prompts": args.prompts,
                "steps": args.steps, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "environment": environment(), "recipes": entries}
-    (args.out / "bench_bisect_traits_gpu.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+               "environment": environment(), "recipes": [e for e in earlier if e["recipe"] not in done] + entries}
+    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out / 'bench_bisect_traits_gpu.json'}")
 
 
