@@ -87,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="Directory for bisect.json, console.txt per recipe and the summary JSON.")
     parser.add_argument("--prompts", default="recipes/prompts/en_zh_18.jsonl")
-    parser.add_argument("--steps", type=int, default=8, help="Teacher-forced frames per bisect run.")
+    parser.add_argument("--steps", type=int, default=4, help="Teacher-forced frames per bisect run (the divergence on these recipes enters at talker step 0 or 1).")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="Comma-separated recipe names under recipes/.")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
