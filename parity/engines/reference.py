@@ -136,7 +136,7 @@ class ReferenceEngine(Engine):
 
     name = "reference"
     variant_family = "reference"
-    make_chooser = Chooser  # the token chooser; another engine's sampler trait replaces it
+    make_chooser = None  # the token chooser class when not parity.sampling.Chooser (another engine's sampler trait)
 
     def __init__(self, side: Side, model_dir: Path | str):
         super().__init__(side, model_dir)
@@ -366,8 +366,9 @@ class ReferenceEngine(Engine):
             do_sample=decoding.do_sample, temperature=decoding.temperature, top_k=decoding.top_k,
             top_p=decoding.top_p, repetition_penalty=decoding.repetition_penalty,
         )
-        talker_choosers = [self.make_chooser(params, dev, inputs.eos_token_id, inputs.min_new_tokens, inputs.suppress_tokens) for _ in range(n_rows)]
-        pred_chooser = self.make_chooser(replace(params, repetition_penalty=1.0), dev)  # the predictor's generate has none
+        make_chooser = self.make_chooser or Chooser
+        talker_choosers = [make_chooser(params, dev, inputs.eos_token_id, inputs.min_new_tokens, inputs.suppress_tokens) for _ in range(n_rows)]
+        pred_chooser = make_chooser(replace(params, repetition_penalty=1.0), dev)  # the predictor's generate has none
         # One generator per row, seeded alike: row b samples exactly as it would alone.
         generators = [torch.Generator(device=dev).manual_seed(decoding.seed) if decoding.do_sample else None for _ in range(n_rows)]
 
