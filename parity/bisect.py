@@ -678,7 +678,9 @@ def _render_traits(result: dict, console) -> None:
     rows = result.get("traits") or []
     if not rows:
         return
-    console.print("engine traits (searched in place of the whole engine):")
+    console.print("engine traits (searched in place of the whole engine): a trait alone is the reference plus that "
+                  "trait, or, for one that exists only on the engine, the engine with just it and what it needs; "
+                  "removed is the candidate without it (and what needs it)", markup=False, highlight=False)
     for row in rows:
         if row["state"] == "active":
             needs = f"; needs {', '.join(row['requires'])}" if row["requires"] else ""

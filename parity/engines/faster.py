@@ -12,6 +12,10 @@ both installed before the graphs are captured so that they become part of them:
   ``where(force_flag, forced_token, own_choice)``. Inside the predictor graph the buffers are
   device tensors, so forcing is graph-safe; sampling settings are baked in at capture.
 
+Its traits (``parity/engines/faster_traits.py``: static cache, prefill, decode mask, talker and
+predictor graphs, predictor cache, sampler) can be removed per side (``traits = ["-faster.X"]``,
+or ``cache = "dynamic"``); the removals are made after capture and undone in place.
+
 Graphs can be switched off (``cuda_graphs=False``): the captured functions then run eagerly.
 On a machine without CUDA the adapter can drive the same modules eagerly on the CPU
 (``FasterEngine(..., allow_cpu=True)``), which is how CI covers this file.
