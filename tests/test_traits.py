@@ -241,6 +241,22 @@ def test_static_cache_is_the_cache_setting_both_ways(tiny_dir, prompt, reference
     assert torch.equal(static.talker_hidden, fast.talker_hidden)
 
 
+def test_graph_traits_on_the_cpu_run_the_same_functions_eagerly_and_undo(tiny_dir, prompt, reference_trace):
+    """On the CPU there is no graph to remove (the traits are inactive there), but removing them
+    takes the same path as on a GPU: the replay object is swapped for an eager one, nothing
+    changes numerically, and undoing puts the original object back."""
+    engine = load_faster(tiny_dir)
+    base = engine.run(prompt, DEC, force=reference_trace)
+    tg, pg = engine.tts.talker_graph, engine.tts.predictor_graph
+    replays = (tg.graph, pg.graph)
+    engine.reconfigure(replace(CAND, traits=("-faster.talker_graph", "-faster.predictor_graph")))
+    assert tg.graph is not replays[0] and pg.graph is not replays[1]
+    assert same(engine.run(prompt, DEC, force=reference_trace), base)
+    engine.reconfigure(CAND)
+    assert (tg.graph, pg.graph) == replays
+    engine.close()
+
+
 # -- sides naming traits ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("field, value, message", [
