@@ -24,6 +24,16 @@ Runs, in order (n settings; every configuration is run at most once unless it is
 
 With one culprit among n settings that is 1 + n + 2 + (n - 1) = 2n + 2 runs (18 for 8 settings),
 plus 1 + ceil(log2 L) for the layer bisect over L layers.
+
+**Engine traits.** When the two sides run different engines and the candidate's engine declares
+traits (``parity.traits``), the opaque ``engine`` setting is split: each active trait is a setting
+of its own, and ``engine`` stays as one more setting that stands for the rest of the candidate
+engine (what its traits do not describe). A configuration with ``engine`` is the candidate engine
+with the traits it lacks removed; without ``engine`` it is the reference engine with its traits
+applied. Configurations are closed under what traits require (a CUDA graph needs the engine and
+the cache and mask it was captured around), so every one can be run. ``engine`` is a culprit only
+when no combination of traits reproduces the divergence; the result then says what stays
+unexplained (``unexplained``), with the run of the candidate engine stripped of every trait.
 """
 
 from __future__ import annotations
@@ -33,11 +43,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from parity import traits as engine_traits
 from parity.errors import BadInput
 from parity.recipe import Recipe, Side
-from parity.results import BisectOutcome
+from parity.results import BisectOutcome, BisectTrait
 
 FIELDS = ("engine", "dtype", "device", "attention", "cache", "tf32", "batch")
+ENGINE = engine_traits.ENGINE_REST  # with traits: the rest of the candidate engine
 LOAD_FIELDS = ("engine", "dtype", "device")  # need a freshly loaded model; the rest change in place
 
 
@@ -57,6 +69,10 @@ class Factor:
     def describe(self) -> str:
         if self.kind == "field":
             return f"{self.name}: {self.reference} -> {self.candidate}"
+        if self.kind == "engine":
+            return f"engine: {self.reference} -> {self.candidate} (the rest: what its traits do not describe)"
+        if self.kind == "trait":
+            return f"trait {self.name}"
         return f"+{self.name}" if self.kind == "variant" else f"-{self.name} (reference's)"
 
 
@@ -70,6 +86,11 @@ def find_factors(ref: Side, cand: Side, only: Iterable[str] | None = None) -> tu
         Factor(f, "field", getattr(ref, f), getattr(cand, f), f in LOAD_FIELDS)
         for f in FIELDS if getattr(ref, f) != getattr(cand, f)
     ]
+    pair = engine_traits.between(ref, cand)
+    aliases: dict[str, str] = {}  # a side field a trait stands for -> that trait
+    if pair is not None:
+        diffs = _split_engine(diffs, pair)
+        aliases = {t.field: t.qualified for t in pair.active if t.field}
     for v in cand.variants:
         if v not in ref.variants:
             diffs.append(Factor(v, "variant", False, True, False, _per_layer(v)))
@@ -80,7 +101,11 @@ def find_factors(ref: Side, cand: Side, only: Iterable[str] | None = None) -> tu
         return diffs, []
     by_name = {f.name: f for f in diffs}
     chosen: list[Factor] = []
+    engine_part = [f for f in diffs if f.kind in ("engine", "trait")]
     for name in only:
+        if engine_part and (name == "engine" or name in aliases or by_name.get(name) in engine_part):
+            chosen += [f for f in engine_part if f not in chosen]  # the engine is searched as its traits
+            continue
         if name in FIELDS:
             if name not in by_name:
                 raise BadInput(f"--factors: '{name}' is the same on both sides ({getattr(ref, name)}); "
@@ -97,17 +122,64 @@ def find_factors(ref: Side, cand: Side, only: Iterable[str] | None = None) -> tu
     return chosen, held
 
 
+def _split_engine(diffs: list[Factor], pair: "engine_traits.TraitSet") -> list[Factor]:
+    """The ``engine`` field replaced by the candidate engine's active traits plus ``engine`` (the
+    rest); a trait realised by a side field (the faster engine's ``cache``) takes that field's place."""
+    engine = next(f for f in diffs if f.name == "engine")
+    fields_taken = {t.field for t in pair.active if t.field}
+    out = [Factor("engine", "engine", engine.reference, engine.candidate, True)]
+    for t in pair.active:
+        field_factor = next((f for f in diffs if t.field and f.name == t.field), None)
+        out.append(Factor(t.qualified, "trait", False, True, field_factor.load_time if field_factor else False))
+    return out + [f for f in diffs if f.name != "engine" and f.name not in fields_taken]
+
+
+class TraitSpace:
+    """How configurations over the candidate engine's traits are closed and built (one bisect)."""
+
+    def __init__(self, reference: Side, candidate: Side, pair: "engine_traits.TraitSet"):
+        self.reference, self.candidate, self.pair = reference, candidate, pair
+
+    def close(self, names: set[str]) -> set[str]:
+        """``names`` with everything its traits require (see :func:`parity.traits.closure`)."""
+        return engine_traits.closure(names, self.pair.active)
+
+    def without(self, names: set[str], dropped: set[str]) -> set[str]:
+        """The largest closed subset of ``names`` that contains nothing of ``dropped``."""
+        return {n for n in names if not (self.close({n}) & dropped)}
+
+    def side(self, on: set[str]) -> Side:
+        """The reference, or the candidate engine, with exactly the ``on`` traits the candidate's."""
+        return engine_traits.realize(self.reference, self.candidate, on, self.pair.active)
+
+    def records(self) -> list[dict]:
+        """The typed trait records of this bisect (active and inactive), for bisect.json."""
+        rows = []
+        for row in engine_traits.listing(self.reference, self.candidate):
+            if row["trait"].startswith(f"{self.pair.engine}."):
+                rows.append(BisectTrait(row["trait"], row["summary"], row["directions"], row["realised_by"],
+                                        row["requires"], row["state"]).to_json())
+        return rows
+
+
 def _per_layer(spec: str) -> bool:
     from parity.variants import get_variant, parse
 
     return get_variant(parse(spec).name).per_layer
 
 
-def configure(ref: Side, factors: Iterable[Factor], extra_variants: Iterable[str] = ()) -> Side:
-    """The reference with ``factors`` switched to the candidate's value (plus ``extra_variants``)."""
+def configure(ref: Side, factors: Iterable[Factor], extra_variants: Iterable[str] = (),
+              space: TraitSpace | None = None) -> Side:
+    """The reference with ``factors`` switched to the candidate's value (plus ``extra_variants``);
+    with a trait space, the engine and its traits are built by it."""
+    factors = list(factors)
+    if space is not None:
+        ref = space.side({f.name for f in factors if f.kind in ("engine", "trait")})
     changes: dict[str, Any] = {}
     variants = list(ref.variants)
     for f in factors:
+        if f.kind in ("engine", "trait"):
+            continue
         if f.kind == "field":
             changes[f.name] = f.candidate
         elif f.kind == "variant":
@@ -138,14 +210,17 @@ class Runner:
         self.model_dir = model_dir
         self.tol = recipe.tolerance()
         self.progress = progress or (lambda text: None)
-        self.engines: dict[Any, Any] = {}
+        self.engines: list[Any] = []
         self.loads = 0
         self.runs = 0
         self.reference_traces: dict[str, Any] = {}
 
     def _engine(self, side: Side):
-        load_key = tuple(getattr(side, f) for f in LOAD_FIELDS)
-        engine = self.engines.get(load_key) or self.engines.get(side)
+        """A loaded engine for ``side``: one already loaded that can change to it in place
+        (``can_reuse`` + ``reconfigure``), else a fresh load."""
+        engine = next((e for e in self.engines if e.side == side), None)
+        if engine is None:
+            engine = next((e for e in self.engines if hasattr(e, "reconfigure") and e.can_reuse(side)), None)
         if engine is None:
             role = "reference" if side == self.recipe.reference else side.label()
             engine = self.host.load(self.host.make(side, role), role)
@@ -154,7 +229,7 @@ class Runner:
                 self.host.release(engine, role)
                 raise BadInput(f"the {side.engine} engine does not apply variants ({', '.join(side.variants)}); "
                                "bisect them on the reference engine")
-            self.engines[load_key if hasattr(engine, "reconfigure") else side] = engine
+            self.engines.append(engine)
         elif engine.side != side:
             engine.reconfigure(side)
         return engine
@@ -201,7 +276,7 @@ class Runner:
         return {c.name: c.layers for c in layout.components}
 
     def close(self) -> None:
-        for engine in self.engines.values():
+        for engine in self.engines:
             self.host.release(engine, engine.side.label())
         self.engines.clear()
 
@@ -216,8 +291,10 @@ class Search:
     ``execute(side, purpose, factor names, layers)`` runs one configuration (the Runner's, or a
     fake in tests)."""
 
-    def __init__(self, reference: Side, factors: list[Factor], execute: Execute, layer_counts: Callable[[], dict[str, int]]):
+    def __init__(self, reference: Side, factors: list[Factor], execute: Execute, layer_counts: Callable[[], dict[str, int]],
+                 space: TraitSpace | None = None):
         self.reference = reference
+        self.space = space
         self.factors = factors
         self.by_name = {f.name: f for f in factors}
         self._execute = execute
@@ -227,9 +304,14 @@ class Search:
 
     def test(self, names: Iterable[str], purpose: str, fresh: bool = False) -> Outcome:
         """Run (or recall) the reference with the named settings switched to the candidate's."""
-        ordered = [f.name for f in self.factors if f.name in set(names)]
-        side = configure(self.reference, [self.by_name[n] for n in ordered])
+        names = self.close(set(names))
+        ordered = [f.name for f in self.factors if f.name in names]
+        side = configure(self.reference, [self.by_name[n] for n in ordered], space=self.space)
         return self._run(side, purpose, ordered, fresh)
+
+    def close(self, names: set[str]) -> set[str]:
+        """``names`` with what its traits require (unchanged without traits)."""
+        return self.space.close(names) if self.space is not None else set(names)
 
     def _run(self, side: Side, purpose: str, names: list[str], fresh: bool = False, layers: str | None = None) -> Outcome:
         if not fresh and side in self.memo:
@@ -278,15 +360,19 @@ class Search:
         without: Outcome | None = None
         while True:
             rest = [n for n in names if n not in culprits]
-            culprits += self.minimal_diverging(rest)
-            remaining = [n for n in names if n not in culprits]
+            found = self.minimal_diverging(rest)
+            closed = self.close(set(culprits) | set(found))
+            if closed != set(culprits) | set(found):  # what the found traits require came along: minimise again
+                closed = set(self.shrink([n for n in names if n in closed]))
+            culprits = [n for n in names if n in closed]
+            remaining = self.drop(names, culprits)
             if not remaining:
                 without = None  # the candidate without every setting is the reference itself
                 break
             without = self.test(remaining, "proof", fresh=True)
-            if not without.diverges:
+            if not without.diverges or not (set(rest) - set(found)):
                 break
-        culprits = [n for n in names if n in culprits]
+        dropped_with = [n for n in names if n not in culprits and n not in remaining]
         again = self.test(culprits, "proof", fresh=True)
         holds = again.diverges and (without is None or not without.diverges)
         result["culprits"] = culprits
@@ -296,7 +382,9 @@ class Search:
             "candidate_without_is_reference": without is None,
             "holds": holds,
         }
-        removed = {n: self.test([m for m in names if m != n], "removed") for n in names}
+        if dropped_with:  # settings that need a culprit go with it (a graph captured around a culprit mask)
+            result["proof"]["also_without"] = dropped_with
+        removed = {n: self.test(self.drop(names, [n]), "removed") for n in names}
         result["alone"] = {n: o.to_json() for n, o in alone.items()}
         result["removed"] = {n: o.to_json() for n, o in removed.items()}
         settings_runs = len(self.log)
@@ -305,8 +393,65 @@ class Search:
             f"culprit{'s' if len(culprits) > 1 else ''}: {', '.join(culprits)} (proof holds)" if holds
             else f"proof failed for {', '.join(culprits)}: not reproducible as a set of settings (flaky or interacting)"
         )
+        if self.space is not None:
+            result.update(self.engine_verdict(culprits, holds))
+            if result.get("unexplained"):
+                result["verdict"] += f"; {result['unexplained']['text']}"
+            elif result.get("engine_note"):
+                result["verdict"] += f"; {result['engine_note']}"
         result["settings_runs"] = settings_runs
         return self._finish(result)
+
+    def shrink(self, culprits: list[str]) -> list[str]:
+        """A diverging closed set made 1-minimal among closed sets: drop one setting (with what
+        needs it) while the rest still diverges."""
+        changed = True
+        while changed:
+            changed = False
+            for name in culprits:
+                smaller = self.drop(culprits, [name])
+                if smaller and self.test(smaller, "search").diverges:
+                    culprits, changed = smaller, True
+                    break
+        return culprits
+
+    def drop(self, names: list[str], dropped: Iterable[str]) -> list[str]:
+        """``names`` without ``dropped`` and without whatever needs one of them (with traits)."""
+        dropped = set(dropped)
+        keep = set(names) - dropped
+        if self.space is not None:
+            keep = self.space.without(keep, dropped)
+        return [n for n in names if n in keep]
+
+    def engine_verdict(self, culprits: list[str], holds: bool) -> dict:
+        """What the traits explain. ``engine`` among the culprits is a verdict (``unexplained``)
+        only when no combination of traits reproduces the divergence: the candidate engine with
+        every trait removed still diverges, or the divergence needs the rest of the engine beside
+        traits that could have been applied to the reference. When ``engine`` is there only because
+        a culprit trait exists only on the candidate engine (a CUDA graph), the traits explain it."""
+        traits = [n for n in culprits if self.by_name[n].kind == "trait"]
+        if ENGINE not in culprits:
+            return {"explained_by_traits": traits if holds else [], "unexplained": None}
+        rest = self.test([ENGINE], "residue")
+        engine = self.space.candidate.engine
+        by_name = {t.qualified: t for t in self.space.pair.active}
+        only_there = [n for n in traits if by_name[n].apply is None and not by_name[n].field]
+        if rest.diverges:
+            text = (f"engine: no combination of the {engine} engine's traits reproduces the divergence; the {engine} "
+                    f"engine with every trait removed still {rest.text()}: something its traits do not describe "
+                    f"(run {rest.run})")
+        elif only_there:
+            return {"explained_by_traits": traits if holds else [], "unexplained": None,
+                    "engine_note": (f"engine is among the culprits only because {', '.join(only_there)} can only be "
+                                    f"removed from the {engine} engine, not applied to the reference; the {engine} "
+                                    f"engine with every trait removed is within tolerance (run {rest.run})")}
+        else:
+            text = (f"engine: the divergence needs the rest of the {engine} engine together with "
+                    f"{', '.join(traits) or 'none of its traits'}: applied to the reference, no combination of its "
+                    f"traits reproduces it, and the {engine} engine with every trait removed is within tolerance "
+                    f"(run {rest.run})")
+        return {"explained_by_traits": [], "unexplained": {"factors": culprits, "text": text,
+                                                             "engine_without_traits": rest.to_json()}}
 
     def layer_bisect(self, name: str, culprits: list[str], alone: Outcome) -> dict:
         """Smallest k such that the culprit applied to the first k positions diverges: the first
@@ -327,8 +472,8 @@ class Search:
                 positions += [(component, i) for i in range(start, min(stop, counts[component]))]
                 if spec.scope.layers is None and outside:
                     positions.append((component, None))
-        base_side = configure(self.reference, [self.by_name[c] for c in base])
-        full_side = configure(self.reference, [self.by_name[c] for c in base + [name]])
+        base_side = configure(self.reference, [self.by_name[c] for c in base], space=self.space)
+        full_side = configure(self.reference, [self.by_name[c] for c in base + [name]], space=self.space)
 
         def prefix(k: int) -> Outcome:
             if k == len(positions):
@@ -442,8 +587,11 @@ def _bisect(prompts, prompts_path: Path, recipe: Recipe, chosen, held, steps: in
         runner = Runner(recipe, prompts, steps, model_dir, progress, host)
         try:
             runner.run_reference()
-            search = Search(recipe.reference, chosen, runner.execute, runner.layer_counts)
+            space = trait_space(recipe.reference, recipe.candidate, chosen)
+            search = Search(recipe.reference, chosen, runner.execute, runner.layer_counts, space)
             result.update(search.run())
+            if space is not None:
+                result["traits"] = space.records()
         except ParityError:
             raise
         except Exception as e:
@@ -453,6 +601,13 @@ def _bisect(prompts, prompts_path: Path, recipe: Recipe, chosen, held, steps: in
         result["counts"].update(reference_runs=1, loads=runner.loads, seconds=time.perf_counter() - t0)
         result["peak_memory"] = host.peak
     return result
+
+
+def trait_space(reference: Side, candidate: Side, factors: list[Factor]) -> TraitSpace | None:
+    """The trait space when the engine is searched as its traits (a factor of kind ``engine``)."""
+    if not any(f.kind == "engine" for f in factors):
+        return None
+    return TraitSpace(reference, candidate, engine_traits.between(reference, candidate))
 
 
 def exit_code(result: dict) -> int:
@@ -499,6 +654,7 @@ def render(result: dict, console) -> None:
     console.print(f"{result['steps']} teacher-forced frames, tolerance rel L2 {result['tolerance']:g}; {c['runs']} runs "
                   f"(+{c['reference_runs']} reference), {c['loads']} model loads, {c['seconds']:.1f} s; #n: run number; "
                   "*: the setting needs the model loaded again (engine, dtype, device)", style="dim", markup=False, highlight=False)
+    _render_traits(result, console)
     console.print(f"candidate: {_text(result['candidate_run'])}")
     for hint in result["candidate_run"].get("hints", []):
         console.print(f"  {hint}", markup=False, highlight=False)
@@ -513,10 +669,30 @@ def render(result: dict, console) -> None:
             console.print("proof: the candidate without them is the reference itself")
         else:
             w = proof["candidate_without"]
-            console.print(f"proof: candidate without them -> {_text(w)} (run {w['run']})")
+            also = f" (and without {', '.join(proof['also_without'])}, which need them)" if proof.get("also_without") else ""
+            console.print(f"proof: candidate without them{also} -> {_text(w)} (run {w['run']})")
     for entry in result.get("layers", []):
         runs = ", ".join(str(r["run"]) for r in entry["runs"])
         console.print(f"layers: {entry['factor']}: {entry['note']} (runs {runs})")
+
+
+def _render_traits(result: dict, console) -> None:
+    """The candidate engine's traits searched in place of ``engine``: each active trait with the
+    directions it supports, the inactive ones with why."""
+    rows = result.get("traits") or []
+    if not rows:
+        return
+    console.print("engine traits (searched in place of the whole engine): a trait alone is the reference plus that "
+                  "trait, or, for one that exists only on the engine, the engine with just it and what it needs; "
+                  "removed is the candidate without it (and what needs it)", markup=False, highlight=False)
+    for row in rows:
+        if row["state"] == "active":
+            needs = f"; needs {', '.join(row['requires'])}" if row["requires"] else ""
+            console.print(f"  {row['trait']} [{', '.join(row['directions'])}{needs}]: {row['summary']}",
+                          markup=False, highlight=False)
+    for row in rows:
+        if row["state"] != "active":
+            console.print(f"  {row['trait']}: not searched, {row['state']}", markup=False, highlight=False)
 
 
 def _text(o: dict) -> str:

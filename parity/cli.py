@@ -220,7 +220,7 @@ def _print_json(data) -> None:
 def bisect(
     prompts: PromptsArg,
     recipe: RecipeOpt = None,
-    factors: Annotated[Optional[str], typer.Option("--factors", help="Comma-separated settings to bisect over: side fields (dtype, attention, cache, tf32, ...) or variant specs (rmsnorm_lowp@talker). Default: every setting that differs.")] = None,
+    factors: Annotated[Optional[str], typer.Option("--factors", help="Comma-separated settings to bisect over: side fields (dtype, attention, cache, tf32, ...), variant specs (rmsnorm_lowp@talker) or engine traits (faster.decode_mask; naming the engine or one of its traits searches all of them). Default: every setting that differs.")] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Teacher-forced frames per probe run (>= 1).")] = 8,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where bisect.json goes; a run directory gets the bisect added to its report.html.")] = None,
     model: ModelOpt = None,
@@ -352,6 +352,29 @@ def engines() -> None:
     for e in entries():
         table.add_row(e.name, e.target, e.source + (" - shadowed by the built-in, not used" if e.shadowed else ""))
     console.print(table)
+
+
+@app.command(name="traits")
+def traits_cmd(
+    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe whose two sides to list traits for (default: the built-in smoke recipe).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """List the engine traits of a recipe's two engines: what each computes differently from the reference, the
+    directions it supports (reference + trait, candidate - trait) and whether parity bisect searches it."""
+    from parity.traits import listing
+
+    rec = _recipe(recipe, None, set_)
+    rows = listing(rec.reference, rec.candidate)
+    if not rows:
+        engines = " nor the ".join(dict.fromkeys((rec.reference.engine, rec.candidate.engine)))
+        console.print(f"no traits: the {engines} engine declares none")
+        return
+    console.print(f"engine traits: {rec.reference.label()} vs {rec.candidate.label()}", markup=False, highlight=False)
+    for r in rows:
+        state = "searched by parity bisect" if r["state"] == "active" else r["state"]
+        needs = f"; needs {', '.join(r['requires'])}" if r["requires"] else ""
+        console.print(f"{r['trait']} [{', '.join(r['directions'])}] {state}\n    {r['summary']}\n"
+                      f"    realised by {r['realised_by']}{needs}", markup=False, highlight=False)
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="The reference-trace cache ($PARITY_CACHE/reference-traces).")

@@ -45,6 +45,9 @@ class Side:
     variants: tuple[str, ...] = ()
     # Decode each prompt as one row of a left-padded batch of N prompts of the file (parity.batching).
     batch: int = 1
+    # Engine traits (parity.traits): "faster.decode_mask" applies another engine's trait to this
+    # side, "-faster.sampler" removes one of this side's own engine's traits.
+    traits: tuple[str, ...] = ()
 
     @property
     def static_len(self) -> int | None:
@@ -52,7 +55,8 @@ class Side:
 
     def label(self) -> str:
         return (f"{self.engine} {self.dtype}/{self.attention}/{self.cache}" + ("/tf32" if self.tf32 else "")
-                + (f"/batch{self.batch}" if self.batch > 1 else "") + "".join(f" +{v}" for v in self.variants))
+                + (f"/batch{self.batch}" if self.batch > 1 else "") + "".join(f" +{v}" for v in self.variants)
+                + "".join(f" {t}" if t.startswith("-") else f" +{t}" for t in self.traits))
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,10 @@ def _validate_side(where: str, side: Side) -> Side:
     if side.batch > 1 and side.engine != "reference":
         raise BadInput(f"{where}: batch = {side.batch} needs the reference engine (the {side.engine} engine decodes one "
                        "prompt at a time); set batch = 1 or engine = \"reference\"")
+    if side.traits:
+        from parity.traits import check_side
+
+        side = replace(side, traits=check_side(side, where))
     if not side.variants:
         return side
     from parity.variants import parse_all

@@ -133,7 +133,9 @@ class ReferenceCache:
         self.base = {
             "cache_format": CACHE_FORMAT, "trace_format": TRACE_FORMAT_VERSION,
             "weights": weights_digest(Path(model_dir), self.root / "weights-digests.json"),
-            "side": {**asdict(side), "variants": list(side.variants), "device": _resolved_device(side)},
+            # No traits: the key of a side from before traits existed (entries stay valid).
+            "side": {**{k: v for k, v in asdict(side).items() if k != "traits" or v},
+                     "variants": list(side.variants), "device": _resolved_device(side)},
             "engine": engine_target, "decoding": asdict(decoding), "seeds": seeds if decoding.do_sample else 1,
             "stack": _stack(), "cpu_threads": torch.get_num_threads(),
         }

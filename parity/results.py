@@ -354,6 +354,28 @@ class Summary:
 
 
 @dataclass
+class BisectTrait:
+    """One trait of the candidate engine in a bisect (``bisect.json`` ``traits``): what it is, the
+    directions it can be searched in, how a side realises it, what a configuration with it also
+    needs, and whether it is a difference between the two sides here (``active``) or why not."""
+
+    trait: str  # "engine.name", e.g. "faster.decode_mask"
+    summary: str
+    directions: list[str]  # "reference + trait" and/or "candidate - trait"
+    realised_by: str  # "the side's traits list" or "the 'cache' setting"
+    requires: list[str] = field(default_factory=list)
+    state: str = "active"  # "active" or "inactive: why"
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "BisectTrait":
+        own, _ = _known(cls, d)
+        return cls(**own)
+
+
+@dataclass
 class BisectOutcome:
     """One bisect configuration run (over all prompts) and whether it diverges."""
 

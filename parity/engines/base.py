@@ -27,6 +27,9 @@ class Engine(ABC):
     # Which engine's variants (parity.variants) this engine applies: "reference" for engines that
     # drive a qwen_tts talker like the reference does; None when it applies none.
     variant_family: str | None = None
+    # The ways this engine computes differently from the reference (parity.traits.Trait); a
+    # bisect between this engine and the reference searches them instead of the whole engine.
+    traits: list = []
 
     def __init__(self, side: Side, model_dir: Path | str):
         self.side = side
@@ -56,6 +59,11 @@ class Engine(ABC):
     def describe(self) -> dict:
         """Settings to show in reports."""
         return {"engine": self.name, **self.side.__dict__}
+
+    def can_reuse(self, side: Side) -> bool:
+        """Whether this loaded engine can become ``side`` through ``reconfigure(side)`` instead of a
+        fresh load; by default every change of setting needs a fresh engine."""
+        return side == self.side
 
     def prompt_length(self, prompt: Prompt) -> int | None:
         """Number of prefill positions the prompt will take (None when unknown before loading)."""

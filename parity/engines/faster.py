@@ -12,6 +12,10 @@ both installed before the graphs are captured so that they become part of them:
   ``where(force_flag, forced_token, own_choice)``. Inside the predictor graph the buffers are
   device tensors, so forcing is graph-safe; sampling settings are baked in at capture.
 
+Its traits (``parity/engines/faster_traits.py``: static cache, prefill, decode mask, talker and
+predictor graphs, predictor cache, sampler) can be removed per side (``traits = ["-faster.X"]``,
+or ``cache = "dynamic"``); the removals are made after capture and undone in place.
+
 Graphs can be switched off (``cuda_graphs=False``): the captured functions then run eagerly.
 On a machine without CUDA the adapter can drive the same modules eagerly on the CPU
 (``FasterEngine(..., allow_cpu=True)``), which is how CI covers this file.
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 from parity.engines.base import Engine
+from parity.engines.faster_traits import FASTER_TRAITS, removed_from, remove_traits
 from parity.engines.reference import TORCH_DTYPES, default_speaker, import_qwen_tts, tf32_mode
 from parity.errors import BadInput
 from parity.layout import TraceLayout, qwen3_tts_layout
@@ -33,7 +38,7 @@ from parity.prompts import Prompt
 from parity.recipe import Decoding, Side
 from parity.refclip import forced_item, has_clip, resolve as resolve_clip
 from parity.trace import FLOAT_FIELDS, Trace
-from parity.variants import apply_variants, engine_settings
+from parity.variants import Applied, apply_variants, engine_settings
 
 NUM_SUB_STEPS = 15  # faster-qwen3-tts's predictor graph is built for 16-codebook models
 
@@ -183,21 +188,28 @@ class FasterEngine(Engine):
 
     name = "faster"
     variant_family = "faster"
+    traits = FASTER_TRAITS
 
     def __init__(self, side: Side, model_dir: Path | str, allow_cpu: bool = False, cuda_graphs: bool = True, record: bool = True):
         super().__init__(side, model_dir)
+        # device = "cpu" asks for the engine's graph functions run eagerly on the CPU (no graphs).
+        allow_cpu = allow_cpu or side.device == "cpu"
         if not torch.cuda.is_available() and not allow_cpu:
             raise BadInput(
                 "the faster engine (faster-qwen3-tts) needs a CUDA GPU and none is visible; "
-                "on a CPU use a reference-only recipe such as recipes/smoke.toml"
+                "on a CPU use a reference-only recipe such as recipes/smoke.toml, or device = \"cpu\" "
+                "on the faster side to run its modules eagerly (no CUDA graphs)"
             )
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda" if torch.cuda.is_available() and side.device != "cpu" else "cpu")
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.with_taps = record
         self.tts = None
         self.taps: GraphTaps | None = None
         self._captured_for: tuple | None = None
         self.clip: dict | None = None  # the last voice-clone prompt's clip encoding
+        # Traits removed (parity.engines.faster_traits): applied once the graphs are captured.
+        self.traits_applied: Applied | None = None
+        self.run_patches = None  # set by a removed trait: decoding -> [(object, attribute, value)] for one run
 
     # -- lifecycle ---------------------------------------------------------------------
     def load(self) -> None:
@@ -241,6 +253,9 @@ class FasterEngine(Engine):
             pg_mod.sample_logits = previous
 
     def close(self) -> None:
+        if self.traits_applied is not None:
+            self.traits_applied.undo()
+            self.traits_applied = None
         if self.taps is not None:
             self.taps.detach()
         if getattr(self, "applied", None) is not None:
@@ -256,7 +271,42 @@ class FasterEngine(Engine):
         return qwen3_tts_layout(len(talker.model.layers), len(talker.code_predictor.model.layers), NUM_SUB_STEPS + 1)
 
     def describe(self) -> dict:
-        return {**super().describe(), "device": str(self.device), "cuda_graphs": self.cuda_graphs, "taps": self.with_taps}
+        return {**super().describe(), "device": str(self.device), "cuda_graphs": self.cuda_graphs, "taps": self.with_taps,
+                "traits_removed": sorted(removed_from(self.side))}
+
+    # -- traits ------------------------------------------------------------------------
+    def can_reuse(self, side: Side) -> bool:
+        """Traits, TF32 and a dynamic cache or the loaded static length change in place; the rest reloads."""
+        same = all(getattr(side, f) == getattr(self.side, f) for f in ("engine", "dtype", "attention", "device", "variants"))
+        return same and side.static_len in (None, self.tts.talker_graph.max_seq_len)
+
+    def reconfigure(self, side: Side) -> None:
+        """Switch the traits this engine runs without (and ``cache`` between dynamic and the loaded
+        static length) in place: the removals are undone and made again."""
+        if not self.can_reuse(side):
+            raise ValueError(f"reconfigure changes only traits, TF32 and cache kind; {side.label()} needs a new engine")
+        self.side = side
+        if self._captured_for is not None:
+            self._apply_trait_removals()
+
+    def _apply_trait_removals(self) -> None:
+        if self.traits_applied is not None:
+            self.traits_applied.undo()
+        self.traits_applied = Applied()
+        remove_traits(self, removed_from(self.side), self.traits_applied)
+
+    @contextlib.contextmanager
+    def _run_patches_installed(self, decoding: Decoding):
+        """Patches a removed trait needs for one run (the reference's sampler), then restored."""
+        patches = self.run_patches(decoding) if self.run_patches is not None else []
+        saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+        for obj, name, value in patches:
+            setattr(obj, name, value)
+        try:
+            yield
+        finally:
+            for obj, name, value in reversed(saved):
+                setattr(obj, name, value)
 
     # -- preparation -------------------------------------------------------------------
     def _speaker(self, prompt: Prompt) -> str | None:
@@ -282,6 +332,7 @@ class FasterEngine(Engine):
                 _eager_setup(self.tts)
         self.pred_sampler.index = 0
         self._captured_for = key
+        self._apply_trait_removals()
 
     def prompt_length(self, prompt: Prompt) -> int:
         return int(self._prepare(prompt)[3].shape[1])
@@ -354,7 +405,8 @@ class FasterEngine(Engine):
         record = record and self.taps is not None
         steps = _StepRecorder(self, record, force)
         max_frames = force.n_frames if force is not None else decoding.max_frames
-        with steps.installed(), self._sampler_installed(), tf32_mode(self.side.tf32), _cpu_sync_shim(self.device):
+        with self._run_patches_installed(decoding), steps.installed(), self._sampler_installed(), \
+                tf32_mode(self.side.tf32), _cpu_sync_shim(self.device):
             codec_ids, timing = fast_generate(
                 talker=talker, talker_input_embeds=tie, attention_mask=tam, trailing_text_hiddens=tth,
                 tts_pad_embed=tpe, config=config, predictor_graph=self.tts.predictor_graph,
@@ -458,6 +510,9 @@ class _StepRecorder:
                 self.talker_hidden.append(taps.talker_slots.clone())
             return out
 
+        # Put back what was there before (a removed trait may have patched talker.forward).
+        before = [(obj, name, vars(obj).get(name)) for obj, name in
+                  ((talker, "forward"), (tts.predictor_graph, "run"), (tts.talker_graph, "run"))]
         talker.forward = prefill
         tts.predictor_graph.run = pred_run
         tts.talker_graph.run = talker_run
@@ -465,9 +520,11 @@ class _StepRecorder:
         try:
             yield
         finally:
-            del talker.forward
-            del tts.predictor_graph.run
-            del tts.talker_graph.run
+            for obj, name, value in before:
+                if value is None:
+                    delattr(obj, name)
+                else:
+                    setattr(obj, name, value)
             gen_mod.sample_logits = orig_sample
             if taps is not None:
                 taps.enabled_talker_logits = False

@@ -25,6 +25,7 @@ from parity.recipe import Decoding, Side
 from parity.refclip import forced_item, has_clip, resolve as resolve_clip
 from parity.sampling import Chooser, SamplingParams
 from parity.trace import FLOAT_FIELDS, Trace
+from parity.traits import apply_side_traits
 from parity.variants import Applied, Target, apply_variants, set_attention
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -135,6 +136,7 @@ class ReferenceEngine(Engine):
 
     name = "reference"
     variant_family = "reference"
+    make_chooser = None  # the token chooser class when not parity.sampling.Chooser (another engine's sampler trait)
 
     def __init__(self, side: Side, model_dir: Path | str):
         super().__init__(side, model_dir)
@@ -142,6 +144,7 @@ class ReferenceEngine(Engine):
         self.device = resolve_device(side.device)
         self.recorder: Recorder | None = None
         self.applied: Applied | None = None  # the side's variants, applied at load
+        self.traits_applied: Applied | None = None  # other engines' traits the side applies (parity.traits)
 
     # -- lifecycle ---------------------------------------------------------------------
     def load(self) -> None:
@@ -154,8 +157,12 @@ class ReferenceEngine(Engine):
         self.wrapper.device = self.device
         self.recorder = Recorder(self.talker)
         self.applied = apply_variants(self.talker, self.side.variants, self.variant_family)
+        self.traits_applied = apply_side_traits(self, self.side)
 
     def close(self) -> None:
+        if self.traits_applied is not None:
+            self.traits_applied.undo()
+            self.traits_applied = None
         if self.applied is not None:
             self.applied.undo()
             self.applied = None
@@ -168,6 +175,9 @@ class ReferenceEngine(Engine):
 
     LOAD_FIELDS = ("engine", "dtype", "device")  # everything else can change on a loaded model
 
+    def can_reuse(self, side: Side) -> bool:
+        return all(getattr(side, f) == getattr(self.side, f) for f in self.LOAD_FIELDS)
+
     def reconfigure(self, side: Side) -> None:
         """Switch a loaded engine to ``side`` without reloading: attention implementation, cache,
         TF32 and variants change in place (variants are undone and re-applied). ``side`` must
@@ -175,10 +185,12 @@ class ReferenceEngine(Engine):
         for name in self.LOAD_FIELDS:
             if getattr(side, name) != getattr(self.side, name):
                 raise ValueError(f"reconfigure cannot change '{name}' ({getattr(self.side, name)} -> {getattr(side, name)}); load a new engine")
+        self.traits_applied.undo()
         self.applied.undo()
         set_attention(Target(self.talker, self.variant_family), side.attention)
         self.side = side
         self.applied = apply_variants(self.talker, side.variants, self.variant_family)
+        self.traits_applied = apply_side_traits(self, side)
 
     def layout(self) -> TraceLayout:
         return qwen3_tts_layout(len(self.talker.model.layers), len(self.talker.code_predictor.model.layers),
@@ -354,8 +366,9 @@ class ReferenceEngine(Engine):
             do_sample=decoding.do_sample, temperature=decoding.temperature, top_k=decoding.top_k,
             top_p=decoding.top_p, repetition_penalty=decoding.repetition_penalty,
         )
-        talker_choosers = [Chooser(params, dev, inputs.eos_token_id, inputs.min_new_tokens, inputs.suppress_tokens) for _ in range(n_rows)]
-        pred_chooser = Chooser(replace(params, repetition_penalty=1.0), dev)  # the predictor's generate has none
+        make_chooser = self.make_chooser or Chooser
+        talker_choosers = [make_chooser(params, dev, inputs.eos_token_id, inputs.min_new_tokens, inputs.suppress_tokens) for _ in range(n_rows)]
+        pred_chooser = make_chooser(replace(params, repetition_penalty=1.0), dev)  # the predictor's generate has none
         # One generator per row, seeded alike: row b samples exactly as it would alone.
         generators = [torch.Generator(device=dev).manual_seed(decoding.seed) if decoding.do_sample else None for _ in range(n_rows)]
 

@@ -1,0 +1,109 @@
+"""``parity bisect`` over faster-qwen3-tts's engine traits on a GPU: wall time, run count, verdicts.
+
+Runs the real command line, once per recipe, and keeps what a user would see::
+
+    python benchmarks/bisect_traits_gpu.py --out reports/bisect-traits-gpu            # both recipes
+    python benchmarks/bisect_traits_gpu.py --out reports/bisect-traits-gpu --recipes faster-qwen3-tts
+    python benchmarks/bisect_traits_gpu.py --out reports/bisect-traits-gpu --recipes faster-qwen3-tts-eager
+
+(one recipe per command where a command may run 10 minutes at most: the summary keeps the
+entries of recipes run before and replaces those run again).
+
+For each recipe (default ``faster-qwen3-tts`` and ``faster-qwen3-tts-eager``, 0.6B dimensions,
+bf16, CUDA graphs over a StaticCache of 2048) it writes ``OUT/<recipe>/bisect.json`` (parity's
+own output), ``OUT/<recipe>/console.txt`` (stdout and stderr of the command) and, for all of
+them, ``OUT/bench_bisect_traits_gpu.json``: the command, exit status, wall time, run and load
+counts, culprits, whether the proof held, which traits were searched and which not (and why),
+the explained/unexplained verdict, and the environment. Nothing here judges the numbers; the
+verdicts are parity's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = ("faster-qwen3-tts", "faster-qwen3-tts-eager")
+
+
+def run_one(name: str, prompts: str, steps: int, out: Path) -> dict:
+    """One ``parity bisect`` through the CLI: its console text, exit status and wall time."""
+    target = out / name
+    command = [sys.executable, "-m", "parity.cli", "bisect", prompts, "--recipe", f"recipes/{name}.toml",
+               "--steps", str(steps), "--out", str(target)]
+    env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "console.txt").write_text(f"$ python {' '.join(command[1:])}\n{proc.stdout}\n--- stderr ---\n{proc.stderr}",
+                                        encoding="utf-8")
+    entry: dict = {"recipe": name, "command": "python " + " ".join(command[1:]), "exit": proc.returncode,
+                   "wall_s": round(wall, 2)}
+    path = target / "bisect.json"
+    if not path.exists():
+        entry["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no bisect.json"
+        return entry
+    result = json.loads(path.read_text(encoding="utf-8"))["bisect"]
+    entry.update({
+        "verdict": result.get("verdict"), "culprits": result.get("culprits"),
+        "proof_holds": (result.get("proof") or {}).get("holds"),
+        "candidate_first_divergence": (result.get("candidate_run") or {}).get("first_divergence"),
+        "factors": [f["name"] for f in result.get("factors", [])],
+        "traits_searched": [t["trait"] for t in result.get("traits", []) if t["state"] == "active"],
+        "traits_not_searched": {t["trait"]: t["state"] for t in result.get("traits", []) if t["state"] != "active"},
+        "explained_by_traits": result.get("explained_by_traits"),
+        "unexplained": (result.get("unexplained") or {}).get("text"),
+        "counts": result.get("counts"),
+        "alone": {k: {"diverges": v["diverges"], "at": v.get("first_divergence")} for k, v in (result.get("alone") or {}).items()},
+        "removed": {k: {"diverges": v["diverges"], "at": v.get("first_divergence")} for k, v in (result.get("removed") or {}).items()},
+    })
+    return entry
+
+
+def environment() -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    for dist in ("transformers", "qwen-tts", "faster-qwen3-tts"):
+        try:
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            info[dist] = None
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="Directory for bisect.json, console.txt per recipe and the summary JSON.")
+    parser.add_argument("--prompts", default="recipes/prompts/en_zh_18.jsonl")
+    parser.add_argument("--steps", type=int, default=4, help="Teacher-forced frames per bisect run (the divergence on these recipes enters at talker step 0 or 1).")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="Comma-separated recipe names under recipes/.")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
+        entries.append(run_one(name, args.prompts, args.steps, args.out.resolve()) | {"prompts": args.prompts, "steps": args.steps})
+        print(json.dumps({k: entries[-1].get(k) for k in ("recipe", "exit", "wall_s", "verdict")}), flush=True)
+    path = args.out / "bench_bisect_traits_gpu.json"
+    done = {e["recipe"] for e in entries}
+    earlier = json.loads(path.read_text(encoding="utf-8"))["recipes"] if path.exists() else []
+    summary = {"benchmark": "parity bisect over faster-qwen3-tts engine traits", "prompts": args.prompts,
+               "steps": args.steps, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "environment": environment(), "recipes": [e for e in earlier if e["recipe"] not in done] + entries}
+    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out / 'bench_bisect_traits_gpu.json'}")
+
+
+if __name__ == "__main__":
+    main()
