@@ -29,7 +29,7 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a r
 FormatOpt = Annotated[Optional[str], typer.Option("--format", help="Prompt file format: text or jsonl (default: by extension, .jsonl is JSONL).")]
 
 
-def _recipe(recipe_path, model, sets, max_frames=None, device=None, mos=None, utmos_checkpoint=None):
+def _recipe(recipe_path, model, sets, max_frames=None, device=None, mos=None, utmos_checkpoint=None, probes=None):
     from parity.recipe import apply_overrides, load_recipe, parse_override
 
     recipe = load_recipe(recipe_path)
@@ -44,6 +44,8 @@ def _recipe(recipe_path, model, sets, max_frames=None, device=None, mos=None, ut
         overrides.append(("mos.scorers", "" if mos.lower() == "none" else mos))
     if utmos_checkpoint:
         overrides.append(("mos.utmos_checkpoint", utmos_checkpoint))
+    if probes:
+        overrides.append(("probes", probes))
     return apply_overrides(recipe, overrides) if overrides else recipe
 
 
@@ -81,6 +83,7 @@ def run(
     utmos_checkpoint: Annotated[Optional[str], typer.Option("--utmos-checkpoint", help="Local UTMOS22-strong checkpoint (file or SpeechMOS clone).")] = None,
     refresh_reference: Annotated[bool, typer.Option("--refresh-reference", help="Run the reference again instead of reusing its cached traces (and re-cache them).")] = False,
     prompt_format: FormatOpt = None,
+    probes: Annotated[Optional[str], typer.Option("--probes", help="layers (default) or sublayers: also probe each op inside every decoder layer and replay the first diverging layer across sides.")] = None,
 ) -> None:
     """Run reference and candidate on every prompt and report where they first diverge."""
     import signal
@@ -90,7 +93,7 @@ def run(
     from parity.stackcheck import require_stack
 
     require_stack()  # before anything imports qwen_tts: a broken install is one line, exit 2
-    rec = _recipe(recipe, model, set_, max_frames, device, mos, utmos_checkpoint)
+    rec = _recipe(recipe, model, set_, max_frames, device, mos, utmos_checkpoint, probes)
     out = out or default_out(rec.name)
 
     def on_sigterm(signum, frame):  # CI cancellation: stop like Ctrl-C, keep what finished
