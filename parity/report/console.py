@@ -46,9 +46,22 @@ def print_summary(summary: Summary, console: Console) -> None:
             f"{c.ref_frames}/{c.ref_frames + (c.length_diff or 0)}", verdict,
         )
     console.print(table)
-    for line in hint_lines(summary):
+    for line in hint_lines(summary) + sublayer_lines(summary):
         console.print(line, highlight=False, markup=False)
     print_modes(summary, console)
+
+
+def sublayer_lines(summary) -> list[str]:
+    """probes = "sublayers": per prompt, the op that adds the error in the first diverging layer
+    and that layer's replay verdict."""
+    lines = []
+    for p in summary.prompts:
+        c = p.comparison if p.ran else None
+        if c is not None and c.sublayer is not None:
+            lines.append(f"{p.id}: sub-layer: {c.sublayer.text}")
+        if c is not None and c.replay is not None:
+            lines.append(f"{p.id}: replay: {c.replay.text}")
+    return lines
 
 
 def print_modes(summary, console: Console) -> None:
