@@ -131,7 +131,11 @@ class Recipe:
         return self.tolerances[dtype]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for role in ("reference", "candidate", "truth"):  # a side's probes is the top-level key's copy
+            if isinstance(data.get(role), dict):
+                data[role].pop("probes", None)
+        return data
 
 
 _SECTIONS = {"reference": Side, "candidate": Side, "truth": Side, "decoding": Decoding, "gates": Gates, "mos": Mos}

@@ -150,7 +150,8 @@ def _fmt(x) -> str:
 def verdict(measured: dict | None, tol: float) -> dict | None:
     """Judge a replay measurement at tolerance ``tol``: ``layer`` (the candidate's layer computes
     differently: fed the reference's input it still leaves tolerance), ``input`` (fed the
-    reference's input it agrees: the error came in with its input), or ``unreliable`` (the
+    reference's input it agrees: the error came in with its input), ``within`` (the layer's
+    output is within tolerance: nothing to explain at this tolerance), or ``unreliable`` (the
     control did not reproduce the candidate's own output, so the replay path differs from the
     run's). Returns the measurement with ``verdict`` and ``text`` added."""
     if not measured:
@@ -172,6 +173,10 @@ def verdict(measured: dict | None, tol: float) -> dict | None:
         kind = "layer"
         text = (f"{where} computes differently: fed the reference's input, the candidate's layer is still {_fmt(iso)} "
                 f"from the reference's output (observed {_fmt(observed)}, input {_fmt(inp)}){back_text}")
+    elif observed is not None and observed <= tol:
+        kind = "within"
+        text = (f"{where} is within tolerance {tol:g} at this tolerance (observed {_fmt(observed)}; fed the reference's "
+                f"input, {_fmt(iso)}){back_text}")
     else:
         kind = "input"
         text = (f"{where}: its input already differed: fed the reference's input, the candidate's layer matches within "

@@ -206,8 +206,8 @@ class SublayerSplit:
 @dataclass
 class LayerReplay:
     """The first diverging layer replayed across sides (see :mod:`parity.replay`): ``verdict``
-    ``layer`` (it computes differently), ``input`` (its input already differed) or ``unreliable``
-    (the control did not reproduce the run). Errors are ``{rel_l2, max_abs, nonfinite}``."""
+    ``layer`` (it computes differently), ``input`` (its input already differed), ``within`` (within
+    tolerance at the tolerance judged) or ``unreliable`` (the control did not reproduce the run). Errors are ``{rel_l2, max_abs, nonfinite}``."""
 
     at: dict
     verdict: str

@@ -34,7 +34,7 @@ READS = {
 }
 CAUSE = {
     "input_norm": "the input RMSNorm",
-    "attn": "the attention kernel or its mask",
+    "attn": "the attention kernel or its mask (or how the KV cache stores k/v)",
     "o_proj": "the o_proj matmul",
     "post_norm": "the residual add or the post-attention RMSNorm",
     "mlp": "the MLP (gate/up/down projections or the activation)",
