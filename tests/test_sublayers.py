@@ -261,3 +261,21 @@ def test_probes_is_a_top_level_recipe_key():
         parse_recipe_text('probes = "ops"\n')
     with pytest.raises(BadInput, match=r"\[candidate\]: unknown key 'probes'"):
         parse_recipe_text('[candidate]\nprobes = "sublayers"\n')
+
+
+@pytest.mark.gpu
+def test_graph_sublayer_taps_equal_eager_values(tiny_dir, prompt, ref_trace):
+    """Inside captured CUDA graphs the sub-layer slots hold live values: a graph run equals the
+    same engine run eagerly, and no snapshot repeats (the stale check passed)."""
+    side = Side(engine="faster", dtype="float32", cache="static:256", probes="sublayers")
+    traces = []
+    for graphs in (True, False):
+        engine = FasterEngine(side, tiny_dir, cuda_graphs=graphs)
+        engine.load()
+        traces.append(engine.run(prompt, DECODING, force=ref_trace))
+        engine.close()
+    a, b = traces
+    assert torch.allclose(a.talker_sub, b.talker_sub, rtol=0, atol=1e-5)
+    assert torch.allclose(a.pred_sub, b.pred_sub, rtol=0, atol=1e-5)
+    _residual_identity(a, "talker")
+    _residual_identity(a, "predictor")
