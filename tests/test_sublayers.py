@@ -279,3 +279,21 @@ def test_graph_sublayer_taps_equal_eager_values(tiny_dir, prompt, ref_trace):
     assert torch.allclose(a.pred_sub, b.pred_sub, rtol=0, atol=1e-5)
     _residual_identity(a, "talker")
     _residual_identity(a, "predictor")
+
+
+@pytest.mark.gpu
+def test_replay_inside_graphs_reproduces_the_captured_run(tiny_dir, prompt, ref_engine, ref_trace):
+    """On a GPU the fast engine's graphs run eagerly for the replay: the control shows that this
+    reproduces what the captured graphs recorded, and a fault captured into the graph is found."""
+    faster = FasterEngine(Side(engine="faster", dtype="float32", cache="static:256", probes="sublayers"), tiny_dir,
+                          cuda_graphs=True)
+    faster.load()
+    try:
+        with planted(faster.tts.model.model.talker.model.layers[1].self_attn.o_proj, "input", decode_only=True):
+            forced = faster.run(prompt, DECODING, force=ref_trace)  # captures the graphs with the fault in them
+            at = sublayers.first_layer_over(compare.point_frame(forced, ref_trace, TOL))
+            result = replay.verdict(replay.measure(faster, ref_engine, prompt, DECODING, ref_trace, forced, at), TOL)
+    finally:
+        faster.close()
+    assert at["layer"] == 1 and result["verdict"] == "layer"
+    assert result["control"]["rel_l2"] < TOL
