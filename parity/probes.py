@@ -4,6 +4,10 @@ The decode loop tells the recorder where it is (``recorder.at("talker", step)`` 
 ``recorder.at("predictor", frame, sub)``); hooks copy the last position of each probed module into
 that slot. ``finish`` stacks the slots into tensors and fails loudly if any probed point recorded
 nothing, so a missing hook can never pass as an empty trace.
+
+With ``probes = "sublayers"`` the same holds one level down: :class:`SublayerTaps` hooks each op
+inside every decoder layer (for both engines; :class:`HostSublayers` copies to the host for the
+eager reference, :class:`GraphSublayers` gathers inside faster-qwen3-tts's CUDA graphs).
 """
 
 from __future__ import annotations

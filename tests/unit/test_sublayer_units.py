@@ -142,3 +142,19 @@ def test_truncated_force_keeps_what_reaching_the_point_needs():
     assert (cut.n_frames, cut.n_steps, cut.meta["hit_max_frames"]) == (2, 3, True)
     assert torch.equal(cut.codes, t.codes[:2])
     assert replay.truncated(t, {"component": "predictor", "step": 9, "substep": 0, "layer": 0}).n_frames == t.n_frames
+
+
+def test_predictor_split_reads_the_cache_of_earlier_substeps():
+    ref = _with_sub(make_trace(3))
+    cand = _with_sub(copy_trace(ref))
+    cand.talker_sub, cand.pred_sub = ref.talker_sub.clone(), ref.pred_sub.clone()
+    for op, e in DOWNSTREAM.items():
+        cand.pred_sub[1, 4, 0, _slice(op)] = 1 + e
+    cand.pred_sub[1, 2, 0, _slice("v")] = 1 + E  # sub-step 2's value, cached for sub-step 4
+    cand.pred_sub[1, 2, 0, _slice("attn")] = 1 + E / 8  # under tolerance's 4x: sub-step 2 itself stays quiet
+    cand.pred_hidden[1, 4, 1] = 1 + E
+    s = _split(ref, cand)
+    assert (s["component"], s["step"], s["substep"], s["layer"], s["op"]) == ("predictor", 1, 4, 0, "attn")
+    assert s["cache"] == {"k_rel_l2": 0.0, "v_rel_l2": E, "positions": 4}
+    assert s["text"].startswith("predictor frame 1 sub-step 4 layer 0: attention output (before o_proj) 0.016")
+    assert "or the cached keys/values of earlier positions: k up to 0, v up to 0.016" in s["text"]
