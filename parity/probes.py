@@ -117,7 +117,7 @@ class Recorder:
         p = self.predictor
         hp = p.config.hidden_size
         vp = p.config.vocab_size
-        sub = self.sublayers.finish(self, n_steps, n_frames, row) if self.sublayers is not None else {}
+        sub = self.sublayers.finish(n_steps, n_frames, row) if self.sublayers is not None else {}
         return {**sub,
             "talker_hidden": torch.stack(talker_hidden),
             "talker_logits": torch.stack(talker_logits),
@@ -310,8 +310,9 @@ class HostSublayers:
     def _put(self, component: str, layer: int, name: str, value: torch.Tensor) -> None:
         self.recorder._put(component, f"layer{layer}.{name}", value.unsqueeze(1))
 
-    def finish(self, recorder: "Recorder", n_steps: int, n_frames: int, row: int) -> dict[str, torch.Tensor]:
+    def finish(self, n_steps: int, n_frames: int, row: int) -> dict[str, torch.Tensor]:
         """[S, L, sum(widths)] and [F, substeps, P, sum(widths)] for batch row ``row``."""
+        recorder = self.recorder
         missing = self.taps.missing()
         if missing:
             raise ProbeCoverageError(f"sub-layer probes recorded nothing for {', '.join(missing[:6])}"
