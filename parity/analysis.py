@@ -123,6 +123,8 @@ def save_measured(run_dir: Path, prompt_id: str, measured: Measured) -> None:
 def load_prompt(run_dir: Path, prompt_id: str) -> tuple[PromptTraces, Measured]:
     """A finished prompt's saved traces and measurements; BadInput (one line) when they are
     missing, damaged, or hold only tokens (``traces = "tokens"`` drops what a re-analysis needs)."""
+    from safetensors import SafetensorError
+
     from parity.trace import Trace
 
     run_dir = Path(run_dir)
@@ -138,7 +140,7 @@ def load_prompt(run_dir: Path, prompt_id: str) -> tuple[PromptTraces, Measured]:
     except FileNotFoundError:
         raise BadInput(f"'{path}' is missing, so prompt {prompt_id} cannot be re-analysed; it was written by an "
                        "older parity or the run was cut short; re-run it with parity run") from None
-    except (OSError, ValueError, TypeError, KeyError, EOFError) as e:
+    except (OSError, ValueError, TypeError, KeyError, EOFError, SafetensorError) as e:  # an empty or cut .safetensors too
         raise BadInput(f"'{path}' is unreadable ({type(e).__name__}), so prompt {prompt_id} cannot be re-analysed; "
                        "re-run it with parity run") from None
     for role in ("reference", "candidate.forced"):

@@ -158,3 +158,4 @@ def test_predictor_split_reads_the_cache_of_earlier_substeps():
     assert s["cache"] == {"k_rel_l2": 0.0, "v_rel_l2": E, "positions": 4}
     assert s["text"].startswith("predictor frame 1 sub-step 4 layer 0: attention output (before o_proj) 0.016")
     assert "or the cached keys/values of earlier positions: k up to 0, v up to 0.016" in s["text"]
+
