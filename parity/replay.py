@@ -41,6 +41,16 @@ def _talker(engine):
     return inner.talker
 
 
+def supported(engine) -> bool:
+    """Whether ``engine`` runs ``qwen_tts`` decoder layers parity can hook (the reference, its
+    subclasses and faster-qwen3-tts); an engine of its own kind is not replayed."""
+    try:
+        talker = _talker(engine)
+        return hasattr(talker.model, "layers") and hasattr(talker.code_predictor.model, "layers")
+    except AttributeError:
+        return False
+
+
 @contextlib.contextmanager
 def _eager_graphs(engine):
     """Python hooks fire only while a CUDA graph is captured, not on replay: run the fast engine's

@@ -481,11 +481,12 @@ class Run:
         from parity import compare, replay, sublayers
 
         at = sublayers.first_layer_over(compare.point_frame(forced, ref, self.tol))
-        if at is None:
+        if at is None or not replay.supported(candidate):
             return None
         if self.replay_reference is None:
             self.replay_reference = self.host.load(self.host.make(self.recipe.reference, "reference"), "replay")
-        return replay.measure(candidate, self.replay_reference, p, self.recipe.decoding, ref, forced, at)
+        reference = self.replay_reference if replay.supported(self.replay_reference) else None
+        return replay.measure(candidate, reference, p, self.recipe.decoding, ref, forced, at)
 
     def _run_batched(self, engine: Engine, prompts: list[Prompt], ref_traces: dict[str, Trace]) -> dict | None:
         """With ``batch = N`` on the candidate: every prompt as a row of a batch of N, teacher-forced

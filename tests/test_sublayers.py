@@ -247,6 +247,7 @@ def test_replay_runs_the_fast_engines_own_layer(tiny_dir, prompt, ref_engine, re
             result = replay.verdict(replay.measure(faster, ref_engine, prompt, DECODING, ref_trace, forced, at), TOL)
     finally:
         faster.close()
+    assert replay.supported(faster) and replay.supported(ref_engine)
     assert at["layer"] == 1 and result["verdict"] == "layer"
     assert result["control"]["rel_l2"] < TOL  # the replay reproduces the fast engine's own run
 

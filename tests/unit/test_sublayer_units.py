@@ -159,3 +159,10 @@ def test_predictor_split_reads_the_cache_of_earlier_substeps():
     assert s["text"].startswith("predictor frame 1 sub-step 4 layer 0: attention output (before o_proj) 0.016")
     assert "or the cached keys/values of earlier positions: k up to 0, v up to 0.016" in s["text"]
 
+
+
+def test_replay_needs_qwen_tts_layers():
+    class Own:  # an engine of its own kind: no qwen_tts talker to hook
+        pass
+
+    assert not replay.supported(Own())
