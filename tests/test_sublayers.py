@@ -240,6 +240,7 @@ def test_replay_isolates_a_layer_fault_from_an_upstream_one(tiny_dir, prompt, re
 
 def test_replay_runs_the_fast_engines_own_layer(tiny_dir, prompt, ref_engine, ref_trace):
     faster = _faster(tiny_dir)
+    assert replay.supported(faster) and replay.supported(ref_engine)
     try:
         with planted(faster.tts.model.model.talker.model.layers[1].self_attn.o_proj, "input", decode_only=True):
             forced = faster.run(prompt, DECODING, force=ref_trace)
@@ -247,7 +248,6 @@ def test_replay_runs_the_fast_engines_own_layer(tiny_dir, prompt, ref_engine, re
             result = replay.verdict(replay.measure(faster, ref_engine, prompt, DECODING, ref_trace, forced, at), TOL)
     finally:
         faster.close()
-    assert replay.supported(faster) and replay.supported(ref_engine)
     assert at["layer"] == 1 and result["verdict"] == "layer"
     assert result["control"]["rel_l2"] < TOL  # the replay reproduces the fast engine's own run
 
