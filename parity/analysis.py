@@ -140,7 +140,7 @@ def load_prompt(run_dir: Path, prompt_id: str) -> tuple[PromptTraces, Measured]:
     except FileNotFoundError:
         raise BadInput(f"'{path}' is missing, so prompt {prompt_id} cannot be re-analysed; it was written by an "
                        "older parity or the run was cut short; re-run it with parity run") from None
-    except (OSError, ValueError, TypeError, KeyError, EOFError, SafetensorError) as e:  # a damaged file
+    except (OSError, ValueError, TypeError, KeyError, EOFError, SafetensorError) as e:  # an empty or cut .safetensors too
         raise BadInput(f"'{path}' is unreadable ({type(e).__name__}), so prompt {prompt_id} cannot be re-analysed; "
                        "re-run it with parity run") from None
     for role in ("reference", "candidate.forced"):
@@ -161,6 +161,9 @@ def comparison(t: PromptTraces, tol: float, recipe=None):
     if t.truth is not None:  # which side is further from the truth: "different" vs "worse"
         c["truth"] = compare.compare_truth(t.forced, t.reference, t.truth, tol)
     c["first_nonfinite_reference"] = first_nonfinite_point(t.reference)
+    from parity import sublayers
+
+    c["sublayer"] = sublayers.split(points, t.forced, t.reference, tol)  # None unless both sides probed sub-layers
     rel = points["rel_l2"].to_numpy(dtype=float)
     c["nonfinite_points"] = int((~np.isfinite(rel)).sum())
     # The record keeps the largest *finite* error; NaN/inf points are counted above, not folded in.
@@ -176,6 +179,11 @@ def judge(t: PromptTraces, measured: Measured, recipe) -> tuple[object, PromptRe
 
     points, c = comparison(t, recipe.tolerance(), recipe)
     c.nonfinite_audio = dict(measured.nonfinite_audio)
+    from parity import replay
+    from parity.results import LayerReplay
+
+    judged_replay = replay.verdict(measured.extra.get("replay"), recipe.tolerance())  # measured at execution
+    c.replay = LayerReplay.from_json(judged_replay) if judged_replay else None
     gates = gates_mod.evaluate(recipe.gates, c, recipe.mos, measured.mos)
     p = measured.prompt
     result = PromptResult(

@@ -69,7 +69,7 @@ def root(
 FormatOpt = Annotated[Optional[str], typer.Option("--format", help="Prompt file format: text or jsonl (default: by extension, .jsonl is JSONL).")]
 
 
-def _recipe(recipe_path, model, sets, max_frames=None, device=None, mos=None, utmos_checkpoint=None):
+def _recipe(recipe_path, model, sets, max_frames=None, device=None, mos=None, utmos_checkpoint=None, probes=None):
     from parity.recipe import apply_overrides, load_recipe, parse_override
 
     recipe = load_recipe(recipe_path)
@@ -85,6 +85,8 @@ def _recipe(recipe_path, model, sets, max_frames=None, device=None, mos=None, ut
         overrides.append(("mos.scorers", "" if mos.lower() == "none" else mos))
     if utmos_checkpoint:
         overrides.append(("mos.utmos_checkpoint", utmos_checkpoint))
+    if probes:
+        overrides.append(("probes", probes))
     return apply_overrides(recipe, overrides) if overrides else recipe
 
 
@@ -122,6 +124,7 @@ def run(
     quiet: QuietOpt = False,
     refresh_reference: Annotated[bool, typer.Option("--refresh-reference", help="Run the reference again instead of reusing its cached traces (and re-cache them).")] = False,
     prompt_format: FormatOpt = None,
+    probes: Annotated[Optional[str], typer.Option("--probes", help="layers (default) or sublayers: also probe each op inside every decoder layer and replay the first diverging layer across sides.")] = None,
 ) -> None:
     """Run reference and candidate on every prompt and report where they first diverge."""
     import signal
@@ -136,7 +139,7 @@ def run(
     if not force:  # --force with --resume is refused by the run with its own message
         mistakes.check_resume_target(out, resume)
     require_stack()  # before anything imports qwen_tts: a broken install is one line, exit 2
-    rec = _recipe(recipe, model, set_, max_frames, device, mos, utmos_checkpoint)
+    rec = _recipe(recipe, model, set_, max_frames, device, mos, utmos_checkpoint, probes)
     mistakes.check_cuda({"reference": rec.reference, "candidate": rec.candidate, "truth": rec.truth})
     out = out or default_out(rec.name)
     from parity.run import Interrupted

@@ -110,6 +110,31 @@ def check_result(r: Any, where: str) -> None:
               f"{where}.comparison.free_run.first_diff_frame", "must be an integer or null")
         _need(c.get("ref_frames") is None or (_is_int(c["ref_frames"]) and c["ref_frames"] >= 0),
               f"{where}.comparison.ref_frames", "must be a non-negative integer")
+        _check_sublayer(c, f"{where}.comparison")
+
+
+def _check_sublayer(c: dict, where: str) -> None:
+    """``sublayer`` and ``replay`` (probes = "sublayers"): what the console and the report read."""
+    split = c.get("sublayer")
+    if split is not None:
+        _check_point({**split, "point": None} if isinstance(split, dict) else split, f"{where}.sublayer")
+        for key in ("component", "text"):
+            _need(isinstance(split.get(key), str), f"{where}.sublayer.{key}", "must be a string")
+        _need(isinstance(split.get("ops", []), list) and all(isinstance(o, dict) for o in split.get("ops", [])),
+              f"{where}.sublayer.ops", "must be a list of objects")
+        for i, o in enumerate(split.get("ops", [])):
+            for key in ("rel_l2", "max_abs", "reads_rel_l2"):
+                _opt(o, key, (int, float), f"{where}.sublayer.ops[{i}]", "a number")
+            _opt(o, "op", (str,), f"{where}.sublayer.ops[{i}]", "a string")
+    rp = c.get("replay")
+    if rp is not None:
+        _need(isinstance(rp, dict), f"{where}.replay", "must be an object or null")
+        _need(isinstance(rp.get("text"), str) and isinstance(rp.get("verdict"), str), f"{where}.replay",
+              "must have a string text and verdict")
+        _check_point(rp.get("at"), f"{where}.replay.at")
+        for key in ("input", "output", "candidate_on_reference_input", "control"):
+            _need(isinstance(rp.get(key), dict), f"{where}.replay.{key}", "must be an object")
+            _opt(rp[key], "rel_l2", (int, float), f"{where}.replay.{key}", "a number")
 
 
 def check_summary(summary: Any, path: Path) -> dict:

@@ -28,6 +28,7 @@ MAX_SEED = (1 << 63) - 1
 # dtype: a few unit roundoffs (fp32 2^-24, fp16 2^-11, bf16 2^-8), the error of a handful of
 # roundings, not of a broken kernel. Measured on the tiny model: fp32 eager vs sdpa 2e-7,
 # bf16 vs fp32 3e-3 at the embedding growing to ~1e-2 at the last layer.
+PROBE_LEVELS = ("layers", "sublayers")  # the recipe's ``probes``
 DEFAULT_TOLERANCES = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 
 
@@ -48,6 +49,9 @@ class Side:
     # Engine traits (parity.traits): "faster.decode_mask" applies another engine's trait to this
     # side, "-faster.sampler" removes one of this side's own engine's traits.
     traits: tuple[str, ...] = ()
+    # What the engine probes: "layers" (each decoder layer's output) or "sublayers" (also each op
+    # inside every layer). Set for all sides at once by the recipe's top-level ``probes``.
+    probes: str = "layers"
 
     @property
     def static_len(self) -> int | None:
@@ -111,6 +115,9 @@ class Recipe:
     model: str = "random:tiny"
     model_seed: int = 0
     traces: str = "full"  # "full": every probed tensor on disk; "tokens": tokens and codes only
+    # "layers" (default) or "sublayers": also probe each op inside every decoder layer, split the
+    # first diverging layer into the op that adds the error, and replay that layer across sides.
+    probes: str = "layers"
     reference: Side = field(default_factory=Side)
     candidate: Side = field(default_factory=lambda: Side(dtype="bfloat16", attention="eager", cache="static:2048"))
     decoding: Decoding = field(default_factory=Decoding)
@@ -128,11 +135,16 @@ class Recipe:
         return self.tolerances[dtype]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for role in ("reference", "candidate", "truth"):  # a side's probes is the top-level key's copy
+            if isinstance(data.get(role), dict):
+                data[role].pop("probes", None)
+        return data
 
 
 _SECTIONS = {"reference": Side, "candidate": Side, "truth": Side, "decoding": Decoding, "gates": Gates, "mos": Mos}
-_TOP = {"name": str, "model": str, "model_seed": int, "traces": str}
+_TOP = {"name": str, "model": str, "model_seed": int, "traces": str, "probes": str}
+_TOP_ONLY = {"probes"}  # Side fields set from the top level, not per side
 
 
 def _check_value(where: str, key: str, value: Any, typ: Any) -> Any:
@@ -209,7 +221,16 @@ def _validate_side(where: str, side: Side) -> Side:
 
 
 def validate(recipe: Recipe, where: str) -> Recipe:
-    """Range checks across the whole recipe; returns it unchanged or raises BadInput."""
+    """Range checks across the whole recipe; returns it (sides synced to the top-level ``probes``)
+    or raises BadInput."""
+    if recipe.probes not in PROBE_LEVELS:
+        raise BadInput(f"{where}: probes must be one of {', '.join(PROBE_LEVELS)}, got {recipe.probes!r}")
+    recipe = replace(
+        recipe,
+        reference=replace(recipe.reference, probes=recipe.probes),
+        candidate=replace(recipe.candidate, probes=recipe.probes),
+        truth=None if recipe.truth is None else replace(recipe.truth, probes=recipe.probes),
+    )
     recipe = replace(
         recipe,
         reference=_validate_side(f"{where} [reference]", recipe.reference),
@@ -290,7 +311,7 @@ def _apply_section(recipe: Recipe, section: str, values: dict, where: str) -> Re
     current = getattr(recipe, section)
     if current is None:  # an optional side ([truth]) starts from the default side
         current = _SECTIONS[section]()
-    types = {f.name: f.type for f in fields(current)}
+    types = {f.name: f.type for f in fields(current) if not (isinstance(current, Side) and f.name in _TOP_ONLY)}
     changes = {}
     for key, value in values.items():
         if key not in types:

@@ -133,8 +133,10 @@ class ReferenceCache:
         self.base = {
             "cache_format": CACHE_FORMAT, "trace_format": TRACE_FORMAT_VERSION,
             "weights": weights_digest(Path(model_dir), self.root / "weights-digests.json"),
-            # No traits: the key of a side from before traits existed (entries stay valid).
-            "side": {**{k: v for k, v in asdict(side).items() if k != "traits" or v},
+            # No traits and layer probes: the key of a side from before those fields existed
+            # (entries stay valid); sub-layer probes record more, so they key differently.
+            "side": {**{k: v for k, v in asdict(side).items()
+                        if not (k == "traits" and not v) and not (k == "probes" and v == "layers")},
                      "variants": list(side.variants), "device": _resolved_device(side)},
             "engine": engine_target, "decoding": asdict(decoding), "seeds": seeds if decoding.do_sample else 1,
             "stack": _stack(), "cpu_threads": torch.get_num_threads(),

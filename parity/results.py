@@ -178,6 +178,65 @@ class Agreement:
 
 
 @dataclass
+class SublayerSplit:
+    """The first diverging decoder layer split into its ops (``probes = "sublayers"``; see
+    :mod:`parity.sublayers`). ``op`` names the op that adds the error (None: no single op);
+    ``ops`` lists every op's error (``op``, ``label``, ``rel_l2``, ``max_abs``, ``identical``,
+    ``reads_rel_l2``, ``adds``) from the layer input to the layer output."""
+
+    component: str
+    step: int
+    substep: int
+    layer: int
+    op: str | None
+    cause: str | None
+    text: str
+    tolerance: float
+    ops: list[dict] = field(default_factory=list)
+    cache: dict | None = None  # largest k/v error over the earlier recorded positions at this layer
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}, **self.extra}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SublayerSplit":
+        own, extra = _known(cls, d)
+        return cls(str(own["component"]), int(own["step"]), int(own["substep"]), int(own["layer"]), own.get("op"),
+                   own.get("cause"), str(own.get("text", "")), float(own.get("tolerance") or 0.0),
+                   list(own.get("ops") or []), own.get("cache"), extra)
+
+
+@dataclass
+class LayerReplay:
+    """The first diverging layer replayed across sides (see :mod:`parity.replay`): ``verdict``
+    ``layer`` (it computes differently), ``input`` (its input already differed), ``within`` (within
+    tolerance at the tolerance judged) or ``unreliable`` (the control did not reproduce the run). Errors are ``{rel_l2, max_abs, nonfinite}``."""
+
+    at: dict
+    verdict: str
+    text: str
+    tolerance: float
+    added_in_isolation: float | None
+    input: dict
+    output: dict
+    candidate_on_reference_input: dict
+    control: dict
+    reference_on_candidate_input: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}, **self.extra}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LayerReplay":
+        own, extra = _known(cls, d)
+        own["added_in_isolation"] = finite_or_none(own.get("added_in_isolation"))
+        own["tolerance"] = float(own.get("tolerance") or 0.0)
+        return cls(**own, extra=extra)
+
+
+@dataclass
 class Comparison:
     """One prompt's teacher-forced comparison: where the candidate first leaves tolerance, and how.
 
@@ -202,6 +261,8 @@ class Comparison:
     truth: dict | None = None
     first_nonfinite_reference: Point | None = None
     nonfinite_audio: dict = field(default_factory=dict)  # side -> {sample, seconds, count} or None
+    sublayer: SublayerSplit | None = None  # probes = "sublayers": the first diverging layer, op by op
+    replay: LayerReplay | None = None  # probes = "sublayers": that layer replayed across sides
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -222,6 +283,10 @@ class Comparison:
             out["truth"] = self.truth
         out["first_nonfinite_reference"] = self.first_nonfinite_reference.to_json() if self.first_nonfinite_reference else None
         out["nonfinite_audio"] = self.nonfinite_audio
+        if self.sublayer is not None:
+            out["sublayer"] = self.sublayer.to_json()
+        if self.replay is not None:
+            out["replay"] = self.replay.to_json()
         return {**out, **self.extra}
 
     @classmethod
@@ -240,7 +305,8 @@ class Comparison:
             hints=list(own.get("hints") or []), free_run=_opt(Agreement, own.get("free_run")),
             length_diff=own.get("length_diff"), length_diff_is_bookkeeping=own.get("length_diff_is_bookkeeping"),
             truth=own.get("truth"), first_nonfinite_reference=_opt(Point, own.get("first_nonfinite_reference")),
-            nonfinite_audio=dict(own.get("nonfinite_audio") or {}), extra=extra,
+            nonfinite_audio=dict(own.get("nonfinite_audio") or {}),
+            sublayer=_opt(SublayerSplit, own.get("sublayer")), replay=_opt(LayerReplay, own.get("replay")), extra=extra,
         )
 
 

@@ -437,6 +437,7 @@ class Run:
             engine = self._load(engines["candidate"], "candidate", fault, index)
             meta["sides"]["candidate"] = engine.describe()
             write_json(self.out / "run.json", meta)
+            self.replay_reference: Engine | None = None  # loaded on the first layer replay (probes = "sublayers")
             try:
                 batched = self._run_batched(engine, done, ref_traces)
                 for i, p in enumerate(done):
@@ -453,6 +454,7 @@ class Run:
                     except BadInput as e:
                         raise self._at(p, e) from None
                     t2 = time.perf_counter()
+                    replayed = self._replay(p, ref, forced, engine) if self.recipe.probes == "sublayers" and batched is None else None
                     wav, sr = engine.decode_audio(free.codes)
                     cand_audio = [(wav, sr)] + self._extra_seeds(engine, p, "candidate")
                     free.meta["audio_nonfinite"] = first_nonfinite_sample(wav, sr)
@@ -463,12 +465,28 @@ class Run:
                     self.worker.submit(self._finish_prompt, p, ref, forced, free, timing, truth_traces.pop(p.id, None),
                                        ref_audio.pop(p.id), cand_audio,
                                        batch_other=batched["other"].get(p.id) if batched is not None else None,
-                                       ref_scores=self.ref_scores.pop(p.id, None))
+                                       ref_scores=self.ref_scores.pop(p.id, None), replayed=replayed)
                     self.progress("candidate", i + 1, len(done), p.id)
             finally:
                 self._release(engine, "candidate")
+                if self.replay_reference is not None:
+                    self.host.release(self.replay_reference, "replay")
         if ref_failure is not None:
             raise ref_failure
+
+    def _replay(self, p: Prompt, ref: Trace, forced: Trace, candidate: Engine) -> dict | None:
+        """Layer replay of the prompt's first diverging layer (parity.replay), None when no layer
+        is over tolerance. The reference engine is loaded again for it on first use (its traces
+        may have come from the cache) and kept until the candidate side is done."""
+        from parity import compare, replay, sublayers
+
+        at = sublayers.first_layer_over(compare.point_frame(forced, ref, self.tol))
+        if at is None or not replay.supported(candidate):
+            return None
+        if self.replay_reference is None:
+            self.replay_reference = self.host.load(self.host.make(self.recipe.reference, "reference"), "replay")
+        reference = self.replay_reference if replay.supported(self.replay_reference) else None
+        return replay.measure(candidate, reference, p, self.recipe.decoding, ref, forced, at)
 
     def _run_batched(self, engine: Engine, prompts: list[Prompt], ref_traces: dict[str, Trace]) -> dict | None:
         """With ``batch = N`` on the candidate: every prompt as a row of a batch of N, teacher-forced
@@ -541,7 +559,7 @@ class Run:
     def _finish_prompt(self, p: Prompt, ref: Trace, forced: Trace, free: Trace, timing: dict, truth: Trace | None = None,
                        ref_audio: list[tuple[np.ndarray, int]] | None = None,
                        cand_audio: list[tuple[np.ndarray, int]] | None = None, batch_other: Trace | None = None,
-                       ref_scores: Future | None = None) -> None:
+                       ref_scores: Future | None = None, replayed: dict | None = None) -> None:
         """Save the candidate's traces and audio, score both sides' audio, save what execute measured outside the traces
         (points/<id>.measured.json), then judge the prompt with the same function ``parity
         compare`` uses on the saved traces, and write points/<id>.csv.gz and results/<id>.json.
@@ -569,6 +587,8 @@ class Run:
 
             _, judged = analysis.comparison(analysis.PromptTraces(ref, forced, free, truth), self.tol, self.recipe)
             measured.extra["batch"] = batching.row_report(forced, ref, batch_other, judged.to_json())
+        if replayed is not None:  # measured with both engines; judged (at any tolerance) by analysis.judge
+            measured.extra["replay"] = replayed
         analysis.save_measured(self.out, p.id, measured)
         points, result = analysis.judge(analysis.PromptTraces(ref, forced, free, truth), measured, self.recipe)
         outdir.atomic_write_with(self.out / "points" / f"{p.id}.csv.gz",

@@ -36,6 +36,9 @@ TENSOR_FIELDS = (
     "talker_hidden", "talker_logits", "talker_tokens", "talker_choice",
     "codes", "pred_hidden", "pred_logits", "pred_choice",
 )
+# probes = "sublayers": each decoder layer's ops (parity.probes.SUBLAYER_POINTS) at the last position,
+# concatenated per layer; meta["sublayers"] names the points and their widths. Empty otherwise.
+SUBLAYER_FIELDS = ("talker_sub", "pred_sub")
 CLIP_FIELDS = ("ref_codes", "ref_speaker")  # the reference clip's encoding (voice cloning); small, always kept
 
 FLOAT_FIELDS = ("talker_hidden", "talker_logits", "pred_hidden", "pred_logits")
@@ -66,6 +69,12 @@ class Trace:
     meta: dict = field(default_factory=dict)
     ref_codes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 16, dtype=torch.long))  # [T, 16]
     ref_speaker: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [D] float32
+    talker_sub: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [S, L, sum(widths)] float32
+    pred_sub: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [F, 15, P, sum(widths)] float32
+
+    @property
+    def has_sublayers(self) -> bool:
+        return self.talker_sub.numel() > 0 and isinstance(self.meta.get("sublayers"), dict)
 
     @property
     def n_frames(self) -> int:
@@ -109,6 +118,10 @@ class Trace:
             tensors[k] = t.contiguous()
         for k in CLIP_FIELDS:
             tensors[k] = getattr(self, k).contiguous()
+        for k in SUBLAYER_FIELDS:
+            t = getattr(self, k)
+            if t.numel() and not tokens_only:
+                tensors[k] = _narrow(t, storage).contiguous()
         from parity.outdir import atomic_write_text, atomic_write_with
 
         atomic_write_with(directory / f"{name}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
@@ -124,4 +137,5 @@ class Trace:
         tensors = load_file(str(directory / f"{name}.safetensors"))
         meta = limits.read_json(directory / f"{name}.json", "trace metadata")
         clip = {k: tensors[k] for k in CLIP_FIELDS if k in tensors}  # traces written before voice cloning lack them
+        clip.update({k: tensors[k].float() for k in SUBLAYER_FIELDS if k in tensors})  # only with probes = "sublayers"
         return cls(**{k: tensors[k].float() if k in FLOAT_FIELDS else tensors[k] for k in TENSOR_FIELDS}, meta=meta, **clip)

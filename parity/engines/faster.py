@@ -233,6 +233,12 @@ class FasterEngine(Engine):
         if self.with_taps:
             self.taps = GraphTaps(talker, dtype, self.device)
             self.taps.attach()
+        self.sublayers = None  # probes = "sublayers": taps inside each layer, also captured into the graphs
+        if self.with_taps and self.side.probes == "sublayers":
+            from parity.probes import GraphSublayers
+
+            self.sublayers = GraphSublayers(talker, dtype, self.device, NUM_SUB_STEPS)
+            self.sublayers.attach()
         import faster_qwen3_tts.predictor_graph as pg_mod
 
         # Installed only while this engine captures or runs (see _sampler_installed), so several
@@ -258,6 +264,9 @@ class FasterEngine(Engine):
             self.traits_applied = None
         if self.taps is not None:
             self.taps.detach()
+        if getattr(self, "sublayers", None) is not None:
+            self.sublayers.detach()
+            self.sublayers = None
         if getattr(self, "applied", None) is not None:
             self.applied.undo()
             self.applied = None
@@ -418,6 +427,8 @@ class FasterEngine(Engine):
         if record:
             # Python hooks fire only while capturing (or eagerly): every tap must have fired by now.
             self.taps.check_coverage()
+            if self.sublayers is not None:
+                self.sublayers.check_coverage()
         tensors = steps.assemble(len(codes))
         hit_max = len(codes) == max_frames and (force is None or bool(force.meta.get("hit_max_frames")))
         meta = {
@@ -429,6 +440,8 @@ class FasterEngine(Engine):
             "suppress_from": max(0, config.vocab_size - 1024), "timing": timing,
             "sampling": "seeded" if decoding.do_sample else "greedy",
         }
+        if record and self.sublayers is not None:
+            meta["sublayers"] = self.sublayers.meta()
         return Trace(codes=codes, **tensors, meta=meta, **(self.clip or {}))
 
     @torch.inference_mode()
@@ -456,6 +469,8 @@ class _StepRecorder:
         self.talker_choice: list[int] = []
         self.talker_tokens: list[int] = []
         self.pred_choice: list[torch.Tensor] = []
+        self.talker_sub: list[torch.Tensor] = []  # sub-layer snapshots (probes = "sublayers")
+        self.pred_sub: list[torch.Tensor] = []
         self.frame = 0
 
     @contextlib.contextmanager
@@ -491,6 +506,8 @@ class _StepRecorder:
             out = orig_forward(*args, **kwargs)
             if self.record:
                 self.talker_hidden.append(taps.talker_slots.clone())
+                if e.sublayers is not None:
+                    self.talker_sub.append(e.sublayers.talker_snapshot())
             return out
 
         def pred_run(pred_input):
@@ -501,6 +518,8 @@ class _StepRecorder:
             if self.record:
                 self.pred_hidden.append(taps.pred_slots.clone())
                 self.pred_logits.append(taps.pred_logit_slots.clone())
+                if e.sublayers is not None:
+                    self.pred_sub.append(e.sublayers.pred_snapshot())
             self.frame += 1
             return out
 
@@ -508,6 +527,8 @@ class _StepRecorder:
             out = orig_talker_run(input_embeds, position)
             if self.record:
                 self.talker_hidden.append(taps.talker_slots.clone())
+                if e.sublayers is not None:
+                    self.talker_sub.append(e.sublayers.talker_snapshot())
             return out
 
         # Put back what was there before (a removed trait may have patched talker.forward).
@@ -554,6 +575,8 @@ class _StepRecorder:
         _check_stale(talker_hidden, "talker")
         if n_frames:
             _check_stale(pred_hidden.flatten(0, 1), "predictor")
+        if self.e.sublayers is not None:
+            out.update(self.e.sublayers.assemble(self.talker_sub, self.pred_sub, n_steps, n_frames))
         return {**out, "talker_hidden": talker_hidden, "talker_logits": talker_logits,
                 "pred_hidden": pred_hidden, "pred_logits": pred_logits}
 

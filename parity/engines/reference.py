@@ -155,7 +155,7 @@ class ReferenceEngine(Engine):
         )
         self.wrapper.model.to(self.device).eval()
         self.wrapper.device = self.device
-        self.recorder = Recorder(self.talker)
+        self.recorder = Recorder(self.talker, sublayers=self.side.probes == "sublayers")
         self.applied = apply_variants(self.talker, self.side.variants, self.variant_family)
         self.traits_applied = apply_side_traits(self, self.side)
 
@@ -341,6 +341,8 @@ class ReferenceEngine(Engine):
                 "layout": self.layout().to_json(),
                 "suppress_from": min(inputs.suppress_tokens) if inputs.suppress_tokens else None,
             }
+            if record and rec.sublayers is not None:
+                meta["sublayers"] = rec.sublayers.meta()
             if len(prompts) > 1:
                 meta["batch"] = {"size": len(prompts), "row": b, "pad": pads[b], "padded_len": inputs.length,
                                  "mates": [p.id for p in prompts]}

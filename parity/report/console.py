@@ -103,6 +103,8 @@ def print_summary(summary: Summary, console: Console, seconds: float | None = No
                   style="dim", markup=False, highlight=False)
     for line in hint_lines(summary, verbose):
         console.print(line, markup=False, highlight=False)
+    for line in sublayer_lines(summary):
+        console.print(line, markup=False, highlight=False)
     print_modes(summary, console)
     o = overview(summary, bisect)
     if o.where:
@@ -124,6 +126,19 @@ def print_summary(summary: Summary, console: Console, seconds: float | None = No
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     text, style = closing_line(summary, seconds)
     console.rule(Text(text, style=f"bold {style}"), style=style)
+
+
+def sublayer_lines(summary) -> list[str]:
+    """probes = "sublayers": per prompt, the op that adds the error in the first diverging layer
+    and that layer's replay verdict."""
+    lines = []
+    for p in summary.prompts:
+        c = p.comparison if p.ran else None
+        if c is not None and c.sublayer is not None:
+            lines.append(f"{p.id}: sub-layer: {c.sublayer.text}")
+        if c is not None and c.replay is not None:
+            lines.append(f"{p.id}: replay: {c.replay.text}")
+    return lines
 
 
 def print_modes(summary: Summary, console: Console) -> None:

@@ -254,3 +254,23 @@ def test_agreement_json_defaults():
     assert Agreement.from_json({}) == Agreement(None, None, None, 0)
     assert Agreement.from_json({"agreement": math.nan, "codebook0_agreement": 0.5, "first_diff_frame": 2,
                                 "frames_compared": 6}) == Agreement(None, 0.5, 2, 6)
+
+
+def test_an_empty_trace_file_is_one_bad_input_line(tmp_path):
+    """Found by the read-back property test: an empty .safetensors made `parity compare` raise
+    safetensors' own error (a traceback) instead of BadInput."""
+    import json
+
+    import pytest
+
+    from parity import analysis
+    from parity.errors import BadInput
+
+    (tmp_path / "points").mkdir()
+    (tmp_path / "traces").mkdir()
+    (tmp_path / "points" / "p.measured.json").write_text(json.dumps(
+        {"version": 1, "prompt": {"id": "p"}, "timing": {}, "mos": None, "audio": {}, "nonfinite_audio": {}}))
+    (tmp_path / "traces" / "p.reference.safetensors").write_bytes(b"")
+    (tmp_path / "traces" / "p.reference.json").write_text("{}")
+    with pytest.raises(BadInput, match=r"p\.reference\.json' is unreadable \(SafetensorError\)"):
+        analysis.load_prompt(tmp_path, "p")
