@@ -19,9 +19,9 @@ Stages (each independent of the others' outcome):
 - ``public_path`` (CUDA only): ``generate_voice_clone_batch`` on the same four requests, as a user
   calls it.
 
-The package is not a parity dependency; install it beside the pinned stack without changing any pin:
+It calls the package as published, without the adapters parity's faster-qwen3-tts-batch engine
+installs (parity/engines/faster_batch.py), to show why the engine needs them:
 
-    pip install --no-deps faster-qwen3-tts-batch==0.2.0
     python benchmarks/probe_faster_qwen3_tts_batch.py --out reports/faster_qwen3_tts_batch_probe_cpu.json
     python benchmarks/probe_faster_qwen3_tts_batch.py --device cuda --model random:0.6b-base \\
         --out reports/faster_qwen3_tts_batch_probe_gpu.json       # on a CUDA GPU
@@ -127,7 +127,7 @@ def main() -> int:
     try:
         import faster_qwen3_tts_batch  # noqa: F401
     except ImportError:
-        print("faster-qwen3-tts-batch is not installed; pip install --no-deps faster-qwen3-tts-batch==0.2.0", file=sys.stderr)
+        print("faster-qwen3-tts-batch is not installed; pip install -r requirements.lock", file=sys.stderr)
         return 2
 
     from faster_qwen3_tts_batch import BatchedFasterQwen3TTS

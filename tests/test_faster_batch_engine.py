@@ -189,3 +189,29 @@ def test_cli_cpu_recipe_reports_every_row(tmp_path):
     assert "batch of 4" in r.stdout
     html = (out / "report.html").read_text()
     assert 'id="batch"' in html
+
+
+@pytest.mark.gpu
+def test_graph_taps_equal_eager_values(base_dir, references):
+    """On a GPU: the package's captured batched graphs with parity's per-row taps hold live values,
+    row by row equal to the same engine run eagerly (fp32, batch of 4, forced)."""
+    prompts = _prompts()
+
+    def rows(cuda_graphs: bool) -> dict:
+        engine = FasterBatchEngine(Side(engine="faster-qwen3-tts-batch", dtype="float32", cache="static:256", device="cuda",
+                                        batch=4), base_dir, cuda_graphs=cuda_graphs)
+        engine.load()
+        try:
+            return batching.run_batched(engine, prompts, DECODING, 4, forces=references)
+        finally:
+            engine.close()
+
+    graphs, eager = rows(True), rows(False)
+    assert graphs[prompts[0].id].meta["side"]["cuda_graphs"] and not eager[prompts[0].id].meta["side"]["cuda_graphs"]
+    for p in prompts:
+        a, b = graphs[p.id], eager[p.id]
+        _assert_full_coverage(a)
+        assert torch.equal(a.codes, references[p.id].codes)
+        assert torch.allclose(a.talker_hidden, b.talker_hidden, rtol=0, atol=1e-5)
+        assert torch.allclose(a.pred_hidden, b.pred_hidden, rtol=0, atol=1e-5)
+        assert not torch.equal(a.pred_hidden[0], a.pred_hidden[1])  # slots rewritten by every replay
