@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from parity import analysis, scoring
+from parity.background import PromptWorker
 from parity.analysis import first_nonfinite_point  # noqa: F401  (its old home)
 from parity.engines.base import Engine
 from parity.engines.lifecycle import EngineHost, one_line as _one_line
@@ -233,6 +235,8 @@ class Run:
         self.freeze_heap = False  # the CLI sets it: see EngineHost
         self.prompt_format: str | None = None  # "text" | "jsonl" | None (by extension)
         self.recipe_digest: str | None = None  # set by execute; seals each result to its recipe and traces
+        self.worker = PromptWorker()  # MOS scoring and judging, overlapping the engines (parity.background)
+        self.ref_scores: dict[str, Future] = {}  # reference clips' scoring jobs, by prompt id
 
     def execute(self, force: bool = False, resume: bool = False) -> Summary:
         """Run everything; returns the summary (also written to summary.json).
@@ -285,12 +289,17 @@ class Run:
         meta["cpu_threads"] = torch.get_num_threads()
         self.peak = self.host.peak
         failure: BaseException | None = None
+        self.worker = PromptWorker()
         try:
             write_json(self.out / "run.json", meta)
             faults.point("before_load")
             self._run_sides(todo, engines, meta, prompts, model_dir, fault)
         except (Exception, KeyboardInterrupt) as e:  # keep what finished, mark the rest, then report
             failure = e
+        try:
+            self.worker.close()  # every prompt whose passes finished gets its result before the summary
+        except (Exception, KeyboardInterrupt) as e:
+            failure = failure or e
         if self.cache is not None:
             meta["reference_cache"].update(self.cache.summary())
         meta["engine_load_s"] = dict(self.host.load_seconds)
@@ -401,6 +410,8 @@ class Run:
                 for k, (wav, sr) in enumerate(clips[1:], start=1):
                     write_wav(self.out / "audio" / f"{p.id}.reference.seed{k}.wav", wav, sr)
                 ref_traces[p.id], ref_audio[p.id] = trace, clips
+                if getattr(self, "scorers", None):  # scored on the worker while the next prompt decodes
+                    self.ref_scores[p.id] = self.worker.submit(scoring.score_clips, self.scorers, clips)
                 self.progress("reference", i + 1, len(prompts))
                 faults.point("between")
         finally:
@@ -447,8 +458,10 @@ class Run:
                               "reference_cached": bool((ref.meta.get("reference_cache") or {}).get("hit"))}
                     if batched is not None:
                         timing.update(batched["timing"])
-                    self._finish_prompt(p, ref, forced, free, timing, truth_traces.pop(p.id, None), ref_audio.pop(p.id), cand_audio,
-                                        batch_other=batched["other"].get(p.id) if batched is not None else None)
+                    self.worker.submit(self._finish_prompt, p, ref, forced, free, timing, truth_traces.pop(p.id, None),
+                                       ref_audio.pop(p.id), cand_audio,
+                                       batch_other=batched["other"].get(p.id) if batched is not None else None,
+                                       ref_scores=self.ref_scores.pop(p.id, None))
                     self.progress("candidate", i + 1, len(done))
             finally:
                 self._release(engine, "candidate")
@@ -525,13 +538,18 @@ class Run:
 
     def _finish_prompt(self, p: Prompt, ref: Trace, forced: Trace, free: Trace, timing: dict, truth: Trace | None = None,
                        ref_audio: list[tuple[np.ndarray, int]] | None = None,
-                       cand_audio: list[tuple[np.ndarray, int]] | None = None, batch_other: Trace | None = None) -> None:
+                       cand_audio: list[tuple[np.ndarray, int]] | None = None, batch_other: Trace | None = None,
+                       ref_scores: Future | None = None) -> None:
         """Score both sides' audio and save what execute measured outside the traces
         (points/<id>.measured.json), then judge the prompt with the same function ``parity
         compare`` uses on the saved traces, and write points/<id>.csv.gz and results/<id>.json.
         Voice cloning and batching add ``reference_clip`` (both sides' clip encodings compared)
-        and ``batch`` (where this row sat and what that did) to the result."""
-        mos_result = scoring.score_pairs(getattr(self, "scorers", {}), ref_audio or [], cand_audio or [])
+        and ``batch`` (where this row sat and what that did) to the result. Runs on the prompt
+        worker (parity.background), after the reference clips' scoring job ``ref_scores``."""
+        t0 = time.perf_counter()
+        mos_result = scoring.score_pairs(getattr(self, "scorers", {}), ref_audio or [], cand_audio or [],
+                                         ref_scores=ref_scores.result() if ref_scores is not None else None)
+        timing = {**timing, "scoring_s": time.perf_counter() - t0}
         ref_wav, sr = (ref_audio or [(None, 24000)])[0]
         cand_wav = (cand_audio or [(None, sr)])[0][0]
         prompt = {"id": p.id, "text": p.text, "line": p.line, "speaker": p.speaker, "language": p.language}
