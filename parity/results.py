@@ -107,7 +107,11 @@ class Flip:
     ref_margin: float | None  # reference top-1 minus top-2 logit
     logit_error: float | None  # max |cand - ref| over the logits there
     logit_noise: float | None  # RMS of (cand - ref) over the logits there
-    near_tie: bool  # the reference's own margin is within 3x the logit noise
+    near_tie: bool  # label == "tie" (kept for readers of older summaries)
+    noise_floor: float | None = None  # the independent noise scale of one logit (see compare.flip_label)
+    floor_source: str = ""  # "tolerance" or "truth"
+    logits_rel_l2: float | None = None  # relative L2 of the logits there
+    label: str = ""  # "tie", "real" or "sampler" (see compare.flip_label); "" in summaries older than labels
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -116,7 +120,7 @@ class Flip:
     @classmethod
     def from_json(cls, d: dict) -> "Flip":
         own, extra = _known(cls, d)
-        for k in ("cand_margin", "ref_margin", "logit_error", "logit_noise"):
+        for k in ("cand_margin", "ref_margin", "logit_error", "logit_noise", "noise_floor", "logits_rel_l2"):
             own[k] = finite_or_none(own.get(k))
         own.setdefault("near_tie", False)
         return cls(**own, extra=extra)

@@ -402,13 +402,7 @@ class Run:
                     except Exception as e:  # finish the prompts before it on the candidate side, then fail
                         return ref_traces, ref_audio, e
                     trace.meta["reference_cache"] = {"hit": False}
-                    if self.cache is not None:
-                        trace.meta["reference_cache"]["key"] = self.cache.put(p, trace, clips, loaded.describe())
-                trace.meta["audio_nonfinite"] = first_nonfinite_sample(*clips[0])
-                trace.save(self.out / "traces", f"{p.id}.reference", tokens_only=self.recipe.traces == "tokens")
-                write_wav(self.out / "audio" / f"{p.id}.reference.wav", *clips[0])
-                for k, (wav, sr) in enumerate(clips[1:], start=1):
-                    write_wav(self.out / "audio" / f"{p.id}.reference.seed{k}.wav", wav, sr)
+                self.worker.submit(self._store_reference, p, trace, clips, None if hit is not None else loaded.describe())
                 ref_traces[p.id], ref_audio[p.id] = trace, clips
                 if getattr(self, "scorers", None):  # scored on the worker while the next prompt decodes
                     self.ref_scores[p.id] = self.worker.submit(scoring.score_clips, self.scorers, clips)
@@ -418,6 +412,17 @@ class Run:
             if loaded is not None:
                 self._release(loaded, "reference")
         return ref_traces, ref_audio, None
+
+    def _store_reference(self, p: Prompt, trace: Trace, clips: list[tuple[np.ndarray, int]], describe: dict | None) -> None:
+        """On the prompt worker: store a reference trace run now (``describe`` given) in the cache,
+        then write its trace and audio into the run directory."""
+        if describe is not None and self.cache is not None:
+            trace.meta["reference_cache"]["key"] = self.cache.put(p, trace, clips, describe)
+        trace.meta["audio_nonfinite"] = first_nonfinite_sample(*clips[0])
+        trace.save(self.out / "traces", f"{p.id}.reference", tokens_only=self.recipe.traces == "tokens")
+        write_wav(self.out / "audio" / f"{p.id}.reference.wav", *clips[0])
+        for k, (wav, sr) in enumerate(clips[1:], start=1):
+            write_wav(self.out / "audio" / f"{p.id}.reference.seed{k}.wav", wav, sr)
 
     def _run_sides(self, prompts: list[Prompt], engines: dict[str, Engine], meta: dict, all_prompts: list[Prompt],
                    model_dir, fault) -> None:
@@ -451,9 +456,6 @@ class Run:
                     wav, sr = engine.decode_audio(free.codes)
                     cand_audio = [(wav, sr)] + self._extra_seeds(engine, p, "candidate")
                     free.meta["audio_nonfinite"] = first_nonfinite_sample(wav, sr)
-                    forced.save(self.out / "traces", f"{p.id}.candidate.forced", tokens_only=self.recipe.traces == "tokens")
-                    free.save(self.out / "traces", f"{p.id}.candidate.free")
-                    write_wav(self.out / "audio" / f"{p.id}.candidate.wav", wav, sr)
                     timing = {"reference_s": ref.meta["seconds"], "forced_s": t1 - t0, "free_s": t2 - t1,
                               "reference_cached": bool((ref.meta.get("reference_cache") or {}).get("hit"))}
                     if batched is not None:
@@ -540,12 +542,16 @@ class Run:
                        ref_audio: list[tuple[np.ndarray, int]] | None = None,
                        cand_audio: list[tuple[np.ndarray, int]] | None = None, batch_other: Trace | None = None,
                        ref_scores: Future | None = None) -> None:
-        """Score both sides' audio and save what execute measured outside the traces
+        """Save the candidate's traces and audio, score both sides' audio, save what execute measured outside the traces
         (points/<id>.measured.json), then judge the prompt with the same function ``parity
         compare`` uses on the saved traces, and write points/<id>.csv.gz and results/<id>.json.
         Voice cloning and batching add ``reference_clip`` (both sides' clip encodings compared)
         and ``batch`` (where this row sat and what that did) to the result. Runs on the prompt
         worker (parity.background), after the reference clips' scoring job ``ref_scores``."""
+        forced.save(self.out / "traces", f"{p.id}.candidate.forced", tokens_only=self.recipe.traces == "tokens")
+        free.save(self.out / "traces", f"{p.id}.candidate.free")
+        if cand_audio:
+            write_wav(self.out / "audio" / f"{p.id}.candidate.wav", *cand_audio[0])
         t0 = time.perf_counter()
         mos_result = scoring.score_pairs(getattr(self, "scorers", {}), ref_audio or [], cand_audio or [],
                                          ref_scores=ref_scores.result() if ref_scores is not None else None)
