@@ -48,7 +48,8 @@ def run_batched(engine: Any, prompts: list[Prompt], decoding: Decoding, size: in
     """Run every prompt as a row of a batch of ``size`` (teacher-forced on ``forces[id]`` when
     given); returns each prompt's row trace. ``meta['batch']`` of each says where the row sat."""
     if not hasattr(engine, "run_batch"):
-        raise BadInput(f"the {engine.name} engine decodes one prompt at a time; batch = {size} needs the reference engine")
+        raise BadInput(f"the {engine.name} engine decodes one prompt at a time; batch = {size} needs an engine that decodes "
+                       "batches (reference, faster-qwen3-tts-batch)")
     out: dict[str, Trace] = {}
     for k, (batch, n_real) in enumerate(arrangement(len(prompts), size, second)):
         rows = [prompts[i] for i in batch]

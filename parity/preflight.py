@@ -31,7 +31,7 @@ from parity.recipe import Recipe, Side
 
 # The sequence limit an engine uses when a side has no static cache (faster-qwen3-tts sizes its
 # StaticCache to 2048 by default); other engines fall back to the model's max_position_embeddings.
-DEFAULT_MAX_SEQ_LEN = {"faster": 2048}
+DEFAULT_MAX_SEQ_LEN = {"faster": 2048, "faster-qwen3-tts-batch": 2048}
 
 
 def local_checkpoint(model_dir: Path | str) -> Path | None:

@@ -184,7 +184,7 @@ def _check_value(where: str, key: str, value: Any, typ: Any) -> Any:
 
 def _validate_side(where: str, side: Side) -> Side:
     """Range checks on one side; returns it with its variant specs in canonical form."""
-    from parity.engines.registry import check_name, variant_family
+    from parity.engines.registry import BATCHING_BUILTINS, check_name, decodes_batches, variant_family
 
     check_name(side.engine, where)
     if side.dtype not in DTYPES:
@@ -199,9 +199,9 @@ def _validate_side(where: str, side: Side) -> Side:
 
     if not 1 <= side.batch <= MAX_BATCH:
         raise BadInput(f"{where}: batch must be between 1 and {MAX_BATCH}, got {side.batch}")
-    if side.batch > 1 and side.engine != "reference":
-        raise BadInput(f"{where}: batch = {side.batch} needs the reference engine (the {side.engine} engine decodes one "
-                       "prompt at a time); set batch = 1 or engine = \"reference\"")
+    if side.batch > 1 and not decodes_batches(side.engine):
+        raise BadInput(f"{where}: batch = {side.batch} needs an engine that decodes batches ({', '.join(BATCHING_BUILTINS)}; "
+                       f"the {side.engine} engine decodes one prompt at a time); set batch = 1 or another engine")
     if side.traits:
         from parity.traits import check_side
 

@@ -118,7 +118,7 @@ def test_unknown_engine_is_one_line_exit_2_listing_what_exists(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
-    assert "unknown engine 'nope'; available: reference, faster, example-perturbed" in lines[0]
+    assert "unknown engine 'nope'; available: reference, faster, faster-qwen3-tts-batch, example-perturbed" in lines[0]
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 

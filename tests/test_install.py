@@ -13,7 +13,7 @@ from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 # Every direct dependency that has broken this stack before must be pinned exactly.
-MUST_BE_EXACT = ["torch", "torchaudio", "transformers", "qwen-tts-hf", "faster-qwen3-tts", "speechmos", "utmos-pytorch"]
+MUST_BE_EXACT = ["torch", "torchaudio", "transformers", "qwen-tts-hf", "faster-qwen3-tts", "faster-qwen3-tts-batch", "speechmos", "utmos-pytorch"]
 
 
 def _pyproject() -> dict:

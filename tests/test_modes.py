@@ -285,7 +285,7 @@ def test_batch_recipe_rules_and_bisect_factor():
     batch = [f for f in factors if f.name == "batch"]
     assert batch and not batch[0].load_time
     assert configure(recipe.reference, batch).batch == 4
-    with pytest.raises(BadInput, match="needs the reference engine"):
+    with pytest.raises(BadInput, match="needs an engine that decodes batches"):
         parse_recipe_text('[candidate]\nengine = "faster"\nbatch = 4\n')
     with pytest.raises(BadInput, match="batch must be 1 on the reference side"):
         parse_recipe_text('[reference]\nbatch = 2\n')

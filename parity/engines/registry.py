@@ -29,6 +29,7 @@ ENTRY_POINT_GROUP = "parity.engines"
 BUILTIN_ENGINES: dict[str, str] = {
     "reference": "parity.engines.reference:ReferenceEngine",
     "faster": "parity.engines.faster:FasterEngine",
+    "faster-qwen3-tts-batch": "parity.engines.faster_batch:FasterBatchEngine",
     "example-perturbed": "parity.engines.example_perturbed:PerturbedEngine",
 }
 
@@ -94,6 +95,18 @@ def engine_class(name: str) -> type[Engine]:
         raise BadInput(f"engine {name!r} from {entry.source} points at {entry.target!r}, which is not a "
                        "parity.engines.base.Engine subclass; fix the registration")
     return cls
+
+
+# Built-in engines that decode several prompts as one batch (they have ``run_batch``; side setting batch = N).
+BATCHING_BUILTINS = ("reference", "faster-qwen3-tts-batch")
+
+
+def decodes_batches(name: str) -> bool:
+    """Whether engine ``name`` can decode a batch of prompts (``batch = N``). Built-ins answer
+    without importing anything; another engine does when its class has ``run_batch``."""
+    if name in BUILTIN_ENGINES:
+        return name in BATCHING_BUILTINS
+    return hasattr(engine_class(name), "run_batch")
 
 
 def variant_family(name: str) -> str:

@@ -74,7 +74,7 @@ def parse_spec(text: str) -> Spec:
     m = _SPEC.match(text.strip())
     if not m:
         raise BadInput(
-            f"variant '{text}' is not NAME[=ARG][@talker|predictor[:LAYER or A-B]] (e.g. rmsnorm_lowp@talker:0-4)"
+            f"variant {text!r} is not NAME[=ARG][@talker|predictor[:LAYER or A-B]] (e.g. rmsnorm_lowp@talker:0-4)"
         )
     component, layers = m["component"], m["layers"]
     if component is not None and component not in COMPONENTS:
