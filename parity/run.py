@@ -233,6 +233,10 @@ class Run:
         self.freeze_heap = False  # the CLI sets it: see EngineHost
         self.prompt_format: str | None = None  # "text" | "jsonl" | None (by extension)
         self.recipe_digest: str | None = None  # set by execute; seals each result to its recipe and traces
+        self.shard = None  # parity.shard.ShardSpec: run only that slice of the prompt file
+        self.devices: list[str] | None = None  # --devices: one worker process per entry (parity.workers)
+        self.failed: dict[str, str] = {}  # prompt id -> why it failed (a worker died while running it)
+        self.worker: dict | None = None  # set inside a --devices worker: recorded in each result it writes
 
     def execute(self, force: bool = False, resume: bool = False) -> Summary:
         """Run everything; returns the summary (also written to summary.json).
@@ -244,6 +248,13 @@ class Run:
         fault = parse_fault(os.environ.get(FAULT_ENV))
         faults.check()
         prompts = load_prompts(self.prompts_path, fmt=self.prompt_format)
+        shard_meta = None
+        if self.shard is not None:
+            from parity import shard
+
+            shard.check_fits(self.shard, prompts, str(self.prompts_path))
+            shard_meta = shard.shard_record(self.shard, prompts, str(self.prompts_path), prompts_digest(prompts))
+            prompts = shard.select(prompts, self.shard)
         from parity.refclip import check_prompts
 
         check_prompts(prompts, None, self.prompts_path)  # reference clips, before anything else (again with the model type in preflight)
@@ -258,6 +269,8 @@ class Run:
         }
         if not isinstance(meta["sides"], dict) or not all(isinstance(v, dict) for v in meta["sides"].values()):
             meta["sides"] = {}
+        if shard_meta is not None:
+            meta["shard"] = shard_meta
         if fault:
             meta["test_fault"] = os.environ[FAULT_ENV]
         if os.environ.get(faults.ENV):
@@ -288,7 +301,12 @@ class Run:
         try:
             write_json(self.out / "run.json", meta)
             faults.point("before_load")
-            self._run_sides(todo, engines, meta, prompts, model_dir, fault)
+            if self.devices:
+                from parity.workers import run_on_devices
+
+                run_on_devices(self, todo, meta, prompts)
+            else:
+                self._run_sides(todo, engines, meta, prompts, model_dir, fault)
         except (Exception, KeyboardInterrupt) as e:  # keep what finished, mark the rest, then report
             failure = e
         if self.cache is not None:
@@ -550,6 +568,8 @@ class Run:
         outdir.atomic_write_with(self.out / "points" / f"{p.id}.csv.gz",
                                  lambda tmp: points.drop(columns=["finite"]).to_csv(tmp, index=False, compression="gzip"))
         data = result.to_json()
+        if self.worker is not None:
+            data["worker"] = dict(self.worker)
         data[digest.KEY] = digest.seal(data, self.out, self.recipe_digest or "")  # ties it to its traces and recipe
         write_json(self.out / "results" / f"{p.id}.json", data)
 
@@ -560,8 +580,6 @@ class Run:
         Never raises: a failure while writing junit.xml or report.html (a full disk, a signal) is
         recorded in the summary and kept in ``self.output_failure``. summary.json is written last,
         with signals held off, and says ``passed`` only when every output it lists exists."""
-        from parity.report import html, junit
-
         self.output_failure: BaseException | None = None
         results = []
         for p in prompts:
@@ -571,42 +589,61 @@ class Run:
                 result, self.output_failure = None, self.output_failure or e
             if result:  # the digest seals results/<id>.json to its traces; the summary does not repeat it
                 result = {k: v for k, v in result.items() if k != digest.KEY}
-            results.append(PromptResult.from_json(result) if result else PromptResult(p.id, p.text, p.line, "not_run", False))
-        summary = analysis.summarize(results, {**meta, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-                                     _failure_text(failure), getattr(self, "peak", {}))
-        from parity.batching import summarize_rows
-
-        batch = summarize_rows([r.to_json() for r in results])
-        if batch is not None:
-            summary.extra["batch"] = batch
-        summary.extra["outputs"] = list(OUTPUTS)
-        for name in OUTPUTS[1:]:  # an old report must not stand in for this run's
-            try:
-                (self.out / name).unlink(missing_ok=True)
-            except OSError:
-                pass
-
-        def report() -> None:
-            faults.point("report")
-            html.write(summary, self.out, self.out / "report.html")
-
-        for name, write in (("junit.xml", lambda: junit.write(summary, self.out / "junit.xml")), ("report.html", report)):
-            try:
-                write()
-            except (Exception, KeyboardInterrupt) as e:
-                self.output_failure = self.output_failure or e
-                if summary.failure is None:
-                    summary.failure = f"writing {name} failed: {_failure_text(e)}"
-        missing = [name for name in OUTPUTS[1:] if not (self.out / name).is_file()]
-        if missing or self.output_failure is not None:
-            summary.passed = False
-            summary.extra["missing_outputs"] = missing
-        try:
-            with _signals_held():
-                write_json(self.out / "summary.json", summary.to_json())
-        except (Exception, KeyboardInterrupt) as e:
-            self.output_failure = self.output_failure or e
+                results.append(PromptResult.from_json(result))
+            elif p.id in self.failed:
+                results.append(PromptResult(p.id, p.text, p.line, "failed", False, extra={"reason": self.failed[p.id]}))
+            else:
+                results.append(PromptResult(p.id, p.text, p.line, "not_run", False))
+        summary, output_failure = write_run_outputs(self.out, results, meta, _failure_text(failure), getattr(self, "peak", {}))
+        self.output_failure = self.output_failure or output_failure
         return summary
+
+
+def write_run_outputs(out: Path, results: list[PromptResult], meta: dict, failure: str | None,
+                      peak: dict) -> tuple[Summary, BaseException | None]:
+    """The summary of a run directory's results, rendered: junit.xml and report.html, then
+    summary.json last (with signals held off), shared by ``parity run`` and ``parity merge``.
+
+    Never raises: a failure while writing an output is recorded in the summary (which then does
+    not pass) and returned."""
+    from parity.report import html, junit
+
+    out = Path(out)
+    output_failure: BaseException | None = None
+    summary = analysis.summarize(results, {**meta, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, failure, peak)
+    from parity.batching import summarize_rows
+
+    batch = summarize_rows([r.to_json() for r in results])
+    if batch is not None:
+        summary.extra["batch"] = batch
+    summary.extra["outputs"] = list(OUTPUTS)
+    for name in OUTPUTS[1:]:  # an old report must not stand in for this run's
+        try:
+            (out / name).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def report() -> None:
+        faults.point("report")
+        html.write(summary, out, out / "report.html")
+
+    for name, write in (("junit.xml", lambda: junit.write(summary, out / "junit.xml")), ("report.html", report)):
+        try:
+            write()
+        except (Exception, KeyboardInterrupt) as e:
+            output_failure = output_failure or e
+            if summary.failure is None:
+                summary.failure = f"writing {name} failed: {_failure_text(e)}"
+    missing = [name for name in OUTPUTS[1:] if not (out / name).is_file()]
+    if missing or output_failure is not None:
+        summary.passed = False
+        summary.extra["missing_outputs"] = missing
+    try:
+        with _signals_held():
+            write_json(out / "summary.json", summary.to_json())
+    except (Exception, KeyboardInterrupt) as e:
+        output_failure = output_failure or e
+    return summary, output_failure
 
 
 OUTPUTS = ("summary.json", "junit.xml", "report.html")

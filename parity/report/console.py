@@ -30,7 +30,9 @@ def print_summary(summary: Summary, console: Console) -> None:
         table.add_column(col, overflow="fold")
     for p in summary.prompts:
         if not p.ran or p.comparison is None:
-            table.add_row(p.id, p.status, "", "", "", "", "[yellow]not run[/]")
+            reason = p.extra.get("reason")
+            table.add_row(p.id, p.status + (f": {reason}" if reason else ""), "", "", "", "",
+                          "[red]failed[/]" if p.status == "failed" else "[yellow]not run[/]")
             continue
         c = p.comparison
         first, flip = c.first_divergence, c.first_flip
