@@ -149,9 +149,19 @@ def check_resumable(previous: dict, current: dict, out: Path) -> None:
     if diff:
         raise BadInput(f"--resume: '{out}' was started with another recipe ({diff}); "
                        "resume with the same recipe and options, or pass --force to start over")
+    old_shard, new_shard = (_shard_label(m) for m in (previous, current))
+    if old_shard != new_shard:
+        raise BadInput(f"--resume: '{out}' holds {'shard ' + old_shard if old_shard else 'a run of the whole file'}, "
+                       f"not {'shard ' + new_shard if new_shard else 'the whole file'}; resume with "
+                       f"{'--shard ' + old_shard if old_shard else 'no --shard'}, or pass --force to start over")
     if previous.get("prompts_digest") != current["prompts_digest"]:
         raise BadInput(f"--resume: '{out}' was started with other prompts (from {previous.get('prompts_file')!r}); "
                        "resume with the same prompt file, or pass --force to start over")
+
+
+def _shard_label(meta: dict) -> str | None:
+    shard = meta.get("shard")
+    return f"{shard.get('index')}/{shard.get('count')}" if isinstance(shard, dict) else None
 
 
 def first_nonfinite_sample(wav: np.ndarray, sr: int) -> dict | None:
@@ -247,6 +257,10 @@ class Run:
         """
         fault = parse_fault(os.environ.get(FAULT_ENV))
         faults.check()
+        if (self.shard is not None or self.devices) and self.recipe.candidate.batch > 1:
+            what = "--shard" if self.shard is not None else "--devices"
+            raise BadInput(f"{what} with candidate.batch = {self.recipe.candidate.batch}: a batched row depends on its "
+                           f"batch-mates, which {what} would change; run a batched recipe in one piece")
         prompts = load_prompts(self.prompts_path, fmt=self.prompt_format)
         shard_meta = None
         if self.shard is not None:
@@ -438,7 +452,8 @@ class Run:
         if done:
             engine = self._load(engines["candidate"], "candidate", fault, index)
             meta["sides"]["candidate"] = engine.describe()
-            write_json(self.out / "run.json", meta)
+            if self.worker is None:  # --devices: the parent alone writes run.json (workers share the directory)
+                write_json(self.out / "run.json", meta)
             try:
                 batched = self._run_batched(engine, done, ref_traces)
                 for i, p in enumerate(done):

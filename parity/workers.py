@@ -75,7 +75,7 @@ class WorkerJob:
     index: int
     device: str
     prompts_path: str
-    prompt_format: str | None
+    prompts: list  # the run's prompts (parity.prompts.Prompt), as the parent read them (a pipe reads once)
     recipe: bytes  # the pickled Recipe (unpickled only after CUDA_VISIBLE_DEVICES is set)
     out: str
     command: str
@@ -122,16 +122,19 @@ def run_on_devices(runner, todo: list, meta: dict, all_prompts: list) -> None:
 
     from parity.outputs import write_json
 
+    if not todo:
+        return
     ctx = mp.get_context("spawn")
     recipe = pickle.dumps(runner.recipe)
     queue = deque(p.id for p in todo)
     workers: list[_Worker] = []
     meta["devices"] = list(runner.devices)
+    devices = runner.devices[:len(todo)]  # no worker without a prompt to run
     try:
-        for i, device in enumerate(runner.devices):
-            job = WorkerJob(i, device, str(runner.prompts_path), runner.prompt_format, recipe, str(runner.out),
+        for i, device in enumerate(devices):
+            job = WorkerJob(i, device, str(runner.prompts_path), list(all_prompts), recipe, str(runner.out),
                             runner.command, runner.recipe_digest or "", _worker_meta(meta), runner.refresh_reference,
-                            _visible(device), sum(d == "cpu" for d in runner.devices))
+                            _visible(device), sum(d == "cpu" for d in devices))
             parent_end, child_end = ctx.Pipe(duplex=True)
             process = ctx.Process(target=worker_main, args=(job, child_end), name=f"parity-worker-{i}", daemon=True)
             process.start()
@@ -285,7 +288,6 @@ def _prepare(job: WorkerJob):
     from parity import scoring
     from parity.engines.lifecycle import THREADS_ENV, cpu_threads
     from parity.models import resolve_model
-    from parity.prompts import load_prompts
     from parity.recipe import apply_overrides
     from parity.run import FAULT_ENV, Run, parse_fault
 
@@ -294,10 +296,9 @@ def _prepare(job: WorkerJob):
     sides = ["reference", "candidate"] + (["truth"] if recipe.truth is not None else [])
     recipe = apply_overrides(recipe, [(f"{role}.device", device) for role in sides])
     runner = Run(Path(job.prompts_path), recipe, Path(job.out), job.command, refresh_reference=job.refresh_reference)
-    runner.prompt_format = job.prompt_format
     runner.recipe_digest = job.recipe_digest
     runner.worker = {"index": job.index, "device": job.device, "pid": os.getpid()}
-    prompts = {p.id: p for p in load_prompts(runner.prompts_path, fmt=job.prompt_format)}
+    prompts = {p.id: p for p in job.prompts}
     model_dir = resolve_model(recipe.model, recipe.model_seed)
     fault = parse_fault(os.environ.get(FAULT_ENV))
     if device == "cpu" and not os.environ.get(THREADS_ENV):

@@ -125,3 +125,16 @@ def test_bad_environment_is_one_line(flag, env):
     with pytest.raises(BadInput) as e:
         resolve_shard(flag, env)
     assert "\n" not in str(e.value)
+
+
+def test_parse_devices():
+    from parity.workers import parse_devices
+
+    assert parse_devices("cpu,cpu", 0) == ["cpu", "cpu"]
+    assert parse_devices("all", 2) == ["cuda:0", "cuda:1"]
+    assert parse_devices("cuda:1, cuda:0", 2) == ["cuda:1", "cuda:0"]
+    assert parse_devices("cuda", 1) == ["cuda:0"]
+    for bad, count in (("all", 0), ("cuda:2", 2), ("gpu", 1), ("cpu,cuda:0", 1), ("", 1), ("cuda:x", 1), ("cpu,,cpu", 0)):
+        with pytest.raises(BadInput) as e:
+            parse_devices(bad, count)
+        assert "\n" not in str(e.value) and "--devices" in str(e.value)
