@@ -68,8 +68,15 @@ def _finish(procs: list[subprocess.Popen]) -> list[int]:
 
 
 def _verdicts(out: Path) -> dict:
+    """Every prompt's whole verdict (its numbers included), not when or by which process it ran."""
     s = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     return {p["id"]: {k: v for k, v in p.items() if k not in ("timing", "worker")} for p in s["prompts"]}
+
+
+def _pass_fail(out: Path) -> dict:
+    """Per prompt: status, verdict and each gate's pass/fail (what CI acts on)."""
+    s = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    return {p["id"]: (p["status"], p["passed"], [(g["name"], g["passed"]) for g in p.get("gates", [])]) for p in s["prompts"]}
 
 
 def _timed(name: str, steps: list[list[tuple[list[str], dict | None]]], out: Path) -> dict:
@@ -85,22 +92,42 @@ def _timed(name: str, steps: list[list[tuple[list[str], dict | None]]], out: Pat
             "loadavg_after": [round(x, 2) for x in os.getloadavg()], "out": str(out)}
 
 
+def _prompt_file(args, work: Path) -> str:
+    """The prompt file, or its first ``--first N`` prompt lines (a shorter suite on a slow machine)."""
+    if not args.first:
+        return args.prompts
+    lines = [line for line in (REPO / args.prompts).read_text(encoding="utf-8").splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    path = work / ("prompts" + Path(args.prompts).suffix)
+    path.write_text("\n".join(lines[: args.first]) + "\n", encoding="utf-8")
+    return str(path)
+
+
 def cpu(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="shard-bench-"))
-    run = ["run", args.prompts, "--max-frames", str(args.frames), "--mos", "none"]
+    prompts = _prompt_file(args, work)
+    run = ["run", prompts, "--max-frames", str(args.frames), "--mos", "none"]
     results = {}
     one = work / "one"
     results["one_run_2_cores"] = _timed("one run x 2 cores", [[(run + ["--out", str(one)], {"PARITY_CPU_THREADS": "2"})]], one)
+    single = work / "single"
+    results["one_run_1_core"] = _timed("one run x 1 core", [[(run + ["--out", str(single)], {"PARITY_CPU_THREADS": "1"})]], single)
     merged = work / "merged"
     shards = [(run + ["--out", str(work / f"s{k}"), "--shard", f"{k}/2"], {"PARITY_CPU_THREADS": "1"}) for k in (1, 2)]
     results["two_shards_1_core"] = _timed("2 shards x 1 core + merge", [shards, [(["merge", str(merged), str(work / "s1"), str(work / "s2")], None)]], merged)
     dev = work / "devices"
     results["devices_cpu_cpu"] = _timed("--devices cpu,cpu", [[(run + ["--out", str(dev), "--devices", "cpu,cpu"], {"PARITY_CPU_THREADS": "1"})]], dev)
-    base = _verdicts(one)
-    for key in ("two_shards_1_core", "devices_cpu_cpu"):
-        results[key]["verdicts_equal_one_run"] = _verdicts(Path(results[key]["out"])) == base
+    # Torch's CPU kernels reduce in another order with another thread count, so only the 1-thread
+    # run can be identical to the 1-thread shards and workers; the 2-thread run must agree in pass/fail.
+    for key in ("one_run_1_core", "two_shards_1_core", "devices_cpu_cpu"):
+        out = Path(results[key]["out"])
+        results[key]["pass_fail_equal_one_run_2_cores"] = _pass_fail(out) == _pass_fail(one)
+        if key != "one_run_1_core":
+            results[key]["verdicts_identical_to_one_run_1_core"] = _verdicts(out) == _verdicts(single)
+            results[key]["speedup_vs_one_run_1_core"] = round(results["one_run_1_core"]["wall_s"] / results[key]["wall_s"], 3)
         results[key]["speedup_vs_one_run_2_cores"] = round(results["one_run_2_cores"]["wall_s"] / results[key]["wall_s"], 3)
-    return {"kind": "cpu", "model": "random:tiny", "prompts": args.prompts, "max_frames": args.frames, "cpu_count": os.cpu_count(),
+    return {"kind": "cpu", "model": "random:tiny", "prompts": args.prompts, "first_prompts": args.first or None,
+            "max_frames": args.frames, "cpu_count": os.cpu_count(),
             "configurations": results}
 
 
@@ -136,6 +163,7 @@ def main() -> None:
     ap.add_argument("--prompts", default="recipes/prompts/en_zh_18.jsonl")
     ap.add_argument("--recipe", default="recipes/faster-qwen3-tts.toml", help="gpu only")
     ap.add_argument("--frames", type=int, default=16, help="cpu only: --max-frames")
+    ap.add_argument("--first", type=int, default=0, help="cpu only: run only the first N prompts of the file")
     args = ap.parse_args()
     data = cpu(args) if args.kind == "cpu" else gpu(args)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
