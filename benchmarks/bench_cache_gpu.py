@@ -31,10 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 ARGS = ["run", "recipes/prompts/en_zh_18.jsonl", "--recipe", "recipes/faster-qwen3-tts.toml"]
 
 
-def timed(tree: Path, cache: Path, out: Path, extra: list[str] = ()) -> dict:
+def timed(tree: Path, cache: Path, out: Path, extra: list[str] = (), profile: Path | None = None) -> dict:
     env = {**os.environ, "PARITY_CACHE": str(cache), "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
+    prof = ["-m", "cProfile", "-o", str(profile)] if profile else []
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "parity.cli", *ARGS, "--out", str(out), *extra], cwd=tree, env=env,
+    proc = subprocess.run([sys.executable, *prof, "-m", "parity.cli", *ARGS, "--out", str(out), *extra], cwd=tree, env=env,
                           capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode not in (0, 1):
@@ -45,10 +46,12 @@ def timed(tree: Path, cache: Path, out: Path, extra: list[str] = ()) -> dict:
     forced = sum(p["timing"]["forced_s"] for p in prompts)
     free = sum(p["timing"]["free_s"] for p in prompts)
     loads = sum((s.get("engine_load_s") or {}).values())
+    scoring = sum(p["timing"].get("scoring_s", 0.0) for p in prompts)  # on the prompt worker: overlaps the engines
     engines = reference + forced + free + loads
     return {"wall_s": round(wall, 2), "engines_s": round(engines, 2), "reference_s": round(reference, 2),
             "forced_s": round(forced, 2), "free_s": round(free, 2), "loads_s": round(loads, 2),
-            "tool_overhead_s": round(wall - engines, 2), "tool_overhead_share": round((wall - engines) / wall, 3),
+            "tool_overhead_s": round(wall - engines, 2),
+            "scoring_s_on_worker": round(scoring, 2), "tool_overhead_share": round((wall - engines) / wall, 3),
             "reference_cache": s.get("reference_cache"), "exit_code": proc.returncode,
             "report_html_bytes": (out / "report.html").stat().st_size}
 
@@ -57,6 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--before-tree", type=Path)
+    ap.add_argument("--profile", type=Path, help="also run the second run once more under cProfile; top functions to this file")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="parity-gpu-bench-"))
     try:
@@ -73,6 +77,15 @@ def main() -> None:
             "second_over_first_wall": round(second["wall_s"] / first["wall_s"], 3),
             "goals": {"second_over_first_wall": 0.35, "tool_overhead_share": 0.15},
         }
+        if args.profile:
+            stats_file = root / "second.prof"
+            timed(REPO, cache, root / "profiled", ["--set", "candidate.attention=eager"], profile=stats_file)
+            import io
+            import pstats
+
+            text = io.StringIO()
+            pstats.Stats(str(stats_file), stream=text).sort_stats("cumulative").print_stats(60)
+            args.profile.write_text(text.getvalue())
         if args.before_tree:
             before_cache = root / "before-cache"
             shutil.copytree(cache, before_cache, ignore=shutil.ignore_patterns("reference-traces"))

@@ -288,7 +288,7 @@ def merge_lines(summary) -> list[str]:
         if part.status == "missing":
             lines.append(f"{name}: missing; its prompts are not_run")
         elif part.status == "died":
-            at = f" while running {part.in_flight} (marked failed)" if part.in_flight else ""
+            at = f" while running {', '.join(part.in_flight)} (marked failed)" if part.in_flight else ""
             lines.append(f"{name}: {part.failure}{at}; {len(part.prompts)} prompt(s) it finished are kept")
         else:
             where = f" from {part.source}" if m.kind == "shards" else ""

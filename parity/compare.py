@@ -9,12 +9,12 @@ s+1. A side recorded without layers (an engine that cannot hook them) is compare
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
+from parity.results import Flip
 from parity.trace import Trace
 
 COLUMNS = ["component", "step", "substep", "layer", "point", "max_abs", "rel_l2", "cosine", "sqnr_db", "added", "over"]
@@ -82,27 +82,6 @@ def point_frame(cand: Trace, ref: Trace, tol: float) -> pd.DataFrame:
     return df.drop(columns=["order"])
 
 
-@dataclass
-class Flip:
-    """A place where the candidate, fed the reference's tokens, would have chosen differently."""
-
-    component: str
-    step: int
-    substep: int
-    ref_token: int
-    cand_token: int
-    ref_rank_in_cand: int  # 0 = the candidate's top choice
-    cand_margin: float  # candidate logit of its choice minus its logit of the reference token
-    ref_margin: float  # reference top-1 minus top-2 logit
-    logit_error: float  # max |cand - ref| over the logits at that point
-    logit_noise: float  # RMS of (cand - ref) over the logits at that point (the error being judged: evidence only)
-    noise_floor: float  # the independent noise scale of one logit (see flip_label)
-    floor_source: str  # "tolerance" or "truth"
-    logits_rel_l2: float  # relative L2 of the logits at that point
-    label: str  # "tie", "real" or "sampler" (see flip_label)
-    near_tie: bool  # label == "tie" (kept for readers of older summaries)
-
-
 TIE_FACTOR = 3.0  # a flip is a tie when the reference's own margin is within 3x the noise floor
 
 
@@ -159,7 +138,7 @@ def _flip_at(component, step, sub, cand_logits, ref_logits, ref_token, cand_toke
     floor, source = noise_floor(ref_logits, tol, truth_logits)
     label = flip_label(ref_margin, floor, rel, tol, sampler_mismatch)
     return Flip(component, step, sub, ref_token, cand_token, rank, margin, ref_margin, float(diff.abs().max()), noise,
-                floor, source, rel, label, label == "tie")
+                label == "tie", floor, source, rel, label)
 
 
 def flips(cand: Trace, ref: Trace, tol: float = 1e-5, truth: Trace | None = None,
@@ -260,7 +239,7 @@ def summarize(points: pd.DataFrame, forced: Trace, ref: Trace, free: Trace | Non
         "points_over": int(len(over)),
         "bit_identical": bool(len(points) and (points["max_abs"] == 0).all()),
         "added_per_layer": [{k: _py(v) for k, v in r.items()} for r in per_layer],
-        "first_flip": asdict(all_flips[0]) if all_flips else None,
+        "first_flip": all_flips[0].to_json() if all_flips else None,
         "flips": {"count": len(all_flips), "labels": labels},
         "sampler": sampler and {k: v for k, v in sampler.items() if k != "all_points"},
         "stop": stop_result,

@@ -86,9 +86,9 @@ def resample(wav: np.ndarray, sr: int, target_sr: int) -> np.ndarray:
     """Resample a mono float waveform to ``target_sr`` (no-op when the rates match)."""
     if sr == target_sr:
         return wav
-    import librosa
+    import soxr  # what librosa.resample calls by default ("soxr_hq"), without librosa's lazy-import cost
 
-    return librosa.resample(wav, orig_sr=sr, target_sr=target_sr)
+    return soxr.resample(wav, sr, target_sr, quality="HQ")
 
 
 def normalise_loudness(wav: np.ndarray, dbfs: float = TARGET_DBFS) -> np.ndarray:

@@ -107,7 +107,11 @@ class Flip:
     ref_margin: float | None  # reference top-1 minus top-2 logit
     logit_error: float | None  # max |cand - ref| over the logits there
     logit_noise: float | None  # RMS of (cand - ref) over the logits there
-    near_tie: bool  # the reference's own margin is within 3x the logit noise
+    near_tie: bool  # label == "tie" (kept for readers of older summaries)
+    noise_floor: float | None = None  # the independent noise scale of one logit (see compare.flip_label)
+    floor_source: str = ""  # "tolerance" or "truth"
+    logits_rel_l2: float | None = None  # relative L2 of the logits there
+    label: str = ""  # "tie", "real" or "sampler" (see compare.flip_label); "" in summaries older than labels
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -116,7 +120,7 @@ class Flip:
     @classmethod
     def from_json(cls, d: dict) -> "Flip":
         own, extra = _known(cls, d)
-        for k in ("cand_margin", "ref_margin", "logit_error", "logit_noise"):
+        for k in ("cand_margin", "ref_margin", "logit_error", "logit_noise", "noise_floor", "logits_rel_l2"):
             own[k] = finite_or_none(own.get(k))
         own.setdefault("near_tie", False)
         return cls(**own, extra=extra)
@@ -407,7 +411,7 @@ class MergePart:
     source: str | None = None  # the shard directory, or the worker's device
     failure: str | None = None
     pid: int | None = None
-    in_flight: str | None = None  # a dead worker's prompt at the time it died
+    in_flight: list[str] = field(default_factory=list)  # prompts a dead worker had not finished (now failed)
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -416,7 +420,8 @@ class MergePart:
     def from_json(cls, d: dict) -> "MergePart":
         own, _ = _known(cls, d)
         return cls(index=int(own["index"]), status=str(own["status"]), prompts=[str(x) for x in own.get("prompts") or []],
-                   source=own.get("source"), failure=own.get("failure"), pid=own.get("pid"), in_flight=own.get("in_flight"))
+                   source=own.get("source"), failure=own.get("failure"), pid=own.get("pid"),
+                   in_flight=[str(x) for x in own.get("in_flight") or []])
 
 
 @dataclass

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from parity import analysis, scoring
+from parity.background import PromptWorker
 from parity.analysis import first_nonfinite_point  # noqa: F401  (its old home)
 from parity.engines.base import Engine
 from parity.engines.lifecycle import EngineHost, one_line as _one_line
@@ -243,10 +245,12 @@ class Run:
         self.freeze_heap = False  # the CLI sets it: see EngineHost
         self.prompt_format: str | None = None  # "text" | "jsonl" | None (by extension)
         self.recipe_digest: str | None = None  # set by execute; seals each result to its recipe and traces
+        self.worker = PromptWorker()  # MOS scoring and judging, overlapping the engines (parity.background)
+        self.ref_scores: dict[str, Future] = {}  # reference clips' scoring jobs, by prompt id
         self.shard = None  # parity.shard.ShardSpec: run only that slice of the prompt file
         self.devices: list[str] | None = None  # --devices: one worker process per entry (parity.workers)
         self.failed: dict[str, str] = {}  # prompt id -> why it failed (a worker died while running it)
-        self.worker: dict | None = None  # set inside a --devices worker: recorded in each result it writes
+        self.worker_info: dict | None = None  # set inside a --devices worker process: recorded in each result
 
     def execute(self, force: bool = False, resume: bool = False) -> Summary:
         """Run everything; returns the summary (also written to summary.json).
@@ -312,6 +316,7 @@ class Run:
         meta["cpu_threads"] = torch.get_num_threads()
         self.peak = self.host.peak
         failure: BaseException | None = None
+        self.worker = PromptWorker()
         try:
             write_json(self.out / "run.json", meta)
             faults.point("before_load")
@@ -323,6 +328,10 @@ class Run:
                 self._run_sides(todo, engines, meta, prompts, model_dir, fault)
         except (Exception, KeyboardInterrupt) as e:  # keep what finished, mark the rest, then report
             failure = e
+        try:
+            self.worker.close()  # every prompt whose passes finished gets its result before the summary
+        except (Exception, KeyboardInterrupt) as e:
+            failure = failure or e
         if self.cache is not None:
             meta["reference_cache"].update(self.cache.summary())
         meta["engine_load_s"] = dict(self.host.load_seconds)
@@ -425,20 +434,27 @@ class Run:
                     except Exception as e:  # finish the prompts before it on the candidate side, then fail
                         return ref_traces, ref_audio, e
                     trace.meta["reference_cache"] = {"hit": False}
-                    if self.cache is not None:
-                        trace.meta["reference_cache"]["key"] = self.cache.put(p, trace, clips, loaded.describe())
-                trace.meta["audio_nonfinite"] = first_nonfinite_sample(*clips[0])
-                trace.save(self.out / "traces", f"{p.id}.reference", tokens_only=self.recipe.traces == "tokens")
-                write_wav(self.out / "audio" / f"{p.id}.reference.wav", *clips[0])
-                for k, (wav, sr) in enumerate(clips[1:], start=1):
-                    write_wav(self.out / "audio" / f"{p.id}.reference.seed{k}.wav", wav, sr)
+                self.worker.submit(self._store_reference, p, trace, clips, None if hit is not None else loaded.describe())
                 ref_traces[p.id], ref_audio[p.id] = trace, clips
+                if getattr(self, "scorers", None):  # scored on the worker while the next prompt decodes
+                    self.ref_scores[p.id] = self.worker.submit(scoring.score_clips, self.scorers, clips)
                 self.progress("reference", i + 1, len(prompts))
                 faults.point("between")
         finally:
             if loaded is not None:
                 self._release(loaded, "reference")
         return ref_traces, ref_audio, None
+
+    def _store_reference(self, p: Prompt, trace: Trace, clips: list[tuple[np.ndarray, int]], describe: dict | None) -> None:
+        """On the prompt worker: store a reference trace run now (``describe`` given) in the cache,
+        then write its trace and audio into the run directory."""
+        if describe is not None and self.cache is not None:
+            trace.meta["reference_cache"]["key"] = self.cache.put(p, trace, clips, describe)
+        trace.meta["audio_nonfinite"] = first_nonfinite_sample(*clips[0])
+        trace.save(self.out / "traces", f"{p.id}.reference", tokens_only=self.recipe.traces == "tokens")
+        write_wav(self.out / "audio" / f"{p.id}.reference.wav", *clips[0])
+        for k, (wav, sr) in enumerate(clips[1:], start=1):
+            write_wav(self.out / "audio" / f"{p.id}.reference.seed{k}.wav", wav, sr)
 
     def _run_sides(self, prompts: list[Prompt], engines: dict[str, Engine], meta: dict, all_prompts: list[Prompt],
                    model_dir, fault) -> None:
@@ -452,7 +468,7 @@ class Run:
         if done:
             engine = self._load(engines["candidate"], "candidate", fault, index)
             meta["sides"]["candidate"] = engine.describe()
-            if self.worker is None:  # --devices: the parent alone writes run.json (workers share the directory)
+            if self.worker_info is None:  # --devices: the parent alone writes run.json (workers share the directory)
                 write_json(self.out / "run.json", meta)
             try:
                 batched = self._run_batched(engine, done, ref_traces)
@@ -473,15 +489,14 @@ class Run:
                     wav, sr = engine.decode_audio(free.codes)
                     cand_audio = [(wav, sr)] + self._extra_seeds(engine, p, "candidate")
                     free.meta["audio_nonfinite"] = first_nonfinite_sample(wav, sr)
-                    forced.save(self.out / "traces", f"{p.id}.candidate.forced", tokens_only=self.recipe.traces == "tokens")
-                    free.save(self.out / "traces", f"{p.id}.candidate.free")
-                    write_wav(self.out / "audio" / f"{p.id}.candidate.wav", wav, sr)
                     timing = {"reference_s": ref.meta["seconds"], "forced_s": t1 - t0, "free_s": t2 - t1,
                               "reference_cached": bool((ref.meta.get("reference_cache") or {}).get("hit"))}
                     if batched is not None:
                         timing.update(batched["timing"])
-                    self._finish_prompt(p, ref, forced, free, timing, truth_traces.pop(p.id, None), ref_audio.pop(p.id), cand_audio,
-                                        batch_other=batched["other"].get(p.id) if batched is not None else None)
+                    self.worker.submit(self._finish_prompt, p, ref, forced, free, timing, truth_traces.pop(p.id, None),
+                                       ref_audio.pop(p.id), cand_audio,
+                                       batch_other=batched["other"].get(p.id) if batched is not None else None,
+                                       ref_scores=self.ref_scores.pop(p.id, None))
                     self.progress("candidate", i + 1, len(done))
             finally:
                 self._release(engine, "candidate")
@@ -558,13 +573,22 @@ class Run:
 
     def _finish_prompt(self, p: Prompt, ref: Trace, forced: Trace, free: Trace, timing: dict, truth: Trace | None = None,
                        ref_audio: list[tuple[np.ndarray, int]] | None = None,
-                       cand_audio: list[tuple[np.ndarray, int]] | None = None, batch_other: Trace | None = None) -> None:
-        """Score both sides' audio and save what execute measured outside the traces
+                       cand_audio: list[tuple[np.ndarray, int]] | None = None, batch_other: Trace | None = None,
+                       ref_scores: Future | None = None) -> None:
+        """Save the candidate's traces and audio, score both sides' audio, save what execute measured outside the traces
         (points/<id>.measured.json), then judge the prompt with the same function ``parity
         compare`` uses on the saved traces, and write points/<id>.csv.gz and results/<id>.json.
         Voice cloning and batching add ``reference_clip`` (both sides' clip encodings compared)
-        and ``batch`` (where this row sat and what that did) to the result."""
-        mos_result = scoring.score_pairs(getattr(self, "scorers", {}), ref_audio or [], cand_audio or [])
+        and ``batch`` (where this row sat and what that did) to the result. Runs on the prompt
+        worker (parity.background), after the reference clips' scoring job ``ref_scores``."""
+        forced.save(self.out / "traces", f"{p.id}.candidate.forced", tokens_only=self.recipe.traces == "tokens")
+        free.save(self.out / "traces", f"{p.id}.candidate.free")
+        if cand_audio:
+            write_wav(self.out / "audio" / f"{p.id}.candidate.wav", *cand_audio[0])
+        t0 = time.perf_counter()
+        mos_result = scoring.score_pairs(getattr(self, "scorers", {}), ref_audio or [], cand_audio or [],
+                                         ref_scores=ref_scores.result() if ref_scores is not None else None)
+        timing = {**timing, "scoring_s": time.perf_counter() - t0}
         ref_wav, sr = (ref_audio or [(None, 24000)])[0]
         cand_wav = (cand_audio or [(None, sr)])[0][0]
         prompt = {"id": p.id, "text": p.text, "line": p.line, "speaker": p.speaker, "language": p.language}
@@ -583,8 +607,8 @@ class Run:
         outdir.atomic_write_with(self.out / "points" / f"{p.id}.csv.gz",
                                  lambda tmp: points.drop(columns=["finite"]).to_csv(tmp, index=False, compression="gzip"))
         data = result.to_json()
-        if self.worker is not None:
-            data["worker"] = dict(self.worker)
+        if self.worker_info is not None:
+            data["worker"] = dict(self.worker_info)
         data[digest.KEY] = digest.seal(data, self.out, self.recipe_digest or "")  # ties it to its traces and recipe
         write_json(self.out / "results" / f"{p.id}.json", data)
 

@@ -24,21 +24,29 @@ def load_scorers(names: tuple[str, ...], utmos_checkpoint: str | None = None) ->
     return scorers
 
 
+def score_clips(scorers: dict[str, mos.Scorer], clips: list[tuple[np.ndarray, int]]) -> dict[str, list[mos.ClipScore]]:
+    """Every clip scored by every scorer (a clip a scorer cannot take is a recorded error)."""
+    return {name: [mos.score_clip(scorer, wav, sr) for wav, sr in clips] for name, scorer in scorers.items()}
+
+
 def score_pairs(
-    scorers: dict[str, mos.Scorer], ref_clips: list[tuple[np.ndarray, int]], cand_clips: list[tuple[np.ndarray, int]]
+    scorers: dict[str, mos.Scorer], ref_clips: list[tuple[np.ndarray, int]], cand_clips: list[tuple[np.ndarray, int]],
+    ref_scores: dict[str, list[mos.ClipScore]] | None = None,
 ) -> dict | None:
-    """Score paired clips (one pair per seed) with every scorer.
+    """Score paired clips (one pair per seed) with every scorer; ``ref_scores`` are the reference
+    clips' scores when :func:`score_clips` already made them.
 
     Returns the report's ``mos`` entry: the first scorer's mean reference and candidate score and
     mean delta at the top level, and per scorer the per-clip scores, errors and paired statistics.
     """
     if not scorers:
         return None
+    ref_scores = ref_scores if ref_scores is not None else score_clips(scorers, ref_clips)
+    cand_scores = score_clips(scorers, cand_clips)
     by_scorer = {}
-    for name, scorer in scorers.items():
+    for name in scorers:
         metric = PRIMARY_METRIC.get(name)
-        ref = [mos.score_clip(scorer, wav, sr) for wav, sr in ref_clips]
-        cand = [mos.score_clip(scorer, wav, sr) for wav, sr in cand_clips]
+        ref, cand = ref_scores[name], cand_scores[name]
 
         def value(clip: mos.ClipScore) -> float | None:
             if clip.scores is None:

@@ -92,7 +92,7 @@ class _Worker:
     device: str
     process: object
     conn: object
-    in_flight: str | None = None
+    assigned: list[str] = field(default_factory=list)  # handed out, not yet reported finished
     finished: list[str] = field(default_factory=list)
     status: str = "running"  # running / finished / died
     failure: str | None = None
@@ -152,20 +152,23 @@ def run_on_devices(runner, todo: list, meta: dict, all_prompts: list) -> None:
                     del live[conn]
                     continue
                 kind = message[0]
-                if kind == "want":  # ("want", finished prompt id or None, sides)
-                    if message[1] is not None:
-                        w.finished.append(message[1])
-                        w.in_flight = None
+                if kind in ("want", "exit"):  # ("want", finished ids, sides) / ("exit", finished ids, info)
+                    for pid in message[1]:
+                        w.assigned.remove(pid)
+                        w.finished.append(pid)
                         done += 1
                         runner.progress("prompts", done, total)
+                if kind == "want":
                     for role, described in (message[2] or {}).items():
                         meta.setdefault("sides", {}).setdefault(role, described)
-                    w.in_flight = queue.popleft() if queue else None
-                    _send(w, w.in_flight)
+                    next_id = queue.popleft() if queue else None
+                    if next_id is not None:
+                        w.assigned.append(next_id)
+                    _send(w, next_id)
                 elif kind == "error":  # ("error", exit code, one line): the worker exits next
                     w.exit_code, w.failure = message[1], message[2]
-                elif kind == "exit":  # ("exit", info): stopped after "stop"
-                    w.info = message[1]
+                elif kind == "exit":
+                    w.info = message[2]
     except BaseException:
         for w in workers:  # Ctrl-C / SIGTERM: stop every worker; finished prompts stay on disk
             if w.process.is_alive():
@@ -192,7 +195,7 @@ def _ended(w: _Worker) -> None:
     """A worker's pipe closed: it stopped after "stop", or it died."""
     w.process.join(30)
     code = w.process.exitcode
-    if code == 0 and w.in_flight is None and w.failure is None:
+    if code == 0 and not w.assigned and w.failure is None:
         w.status = "finished"
         return
     w.status = "died"
@@ -212,10 +215,15 @@ def _record(runner, meta: dict, workers: list[_Worker]) -> None:
 
     parts = []
     for w in workers:
-        if w.status == "died" and w.in_flight is not None:
-            runner.failed[w.in_flight] = f"worker {w.index} ({w.device}, pid {w.process.pid}) {w.failure} while running it"
+        lost = []
+        for pid in w.assigned:  # a result on disk is finished, even if the worker died before saying so
+            (w.finished if (Path(runner.out) / "results" / f"{pid}.json").is_file() else lost).append(pid)
+        w.assigned = lost
+        if w.status == "died":
+            for pid in lost:
+                runner.failed[pid] = f"worker {w.index} ({w.device}, pid {w.process.pid}) {w.failure} while running it"
         parts.append(MergePart(w.index, w.status, list(w.finished), w.device, w.failure, w.process.pid,
-                               w.in_flight if w.status == "died" else None))
+                               lost if w.status == "died" else []))
     meta["merge"] = Merge("workers", len(workers), parts, meta.get("prompts_digest", "")).to_json()
     peaks: dict[str, dict] = {}
     cache = {"hits": 0, "misses": 0, "refreshed": 0, "rebuilt": 0}
@@ -238,7 +246,7 @@ def _raise_for(workers: list[_Worker], unrun: int) -> None:
     if not dead:
         return
     w = dead[0]
-    what = f"worker {w.index} ({w.device}) {w.failure}" + (f" while running prompt {w.in_flight}" if w.in_flight else "")
+    what = f"worker {w.index} ({w.device}) {w.failure}" + (f" while running prompt {', '.join(w.assigned)}" if w.assigned else "")
     more = f" (and {len(dead) - 1} more worker(s))" if len(dead) > 1 else ""
     left = f"; {unrun} prompt(s) were never started" if unrun else ""
     if w.exit_code == 2:
@@ -254,25 +262,34 @@ def worker_main(job: WorkerJob, conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
     if job.visible is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = job.visible  # before torch initialises CUDA
-    prompt_id = None
+    runner = None
     try:
         runner, engines, prompts, model_dir, fault = _prepare(job)
         meta = dict(job.meta)
-        conn.send(("want", None, {}))
+        conn.send(("want", [], {}))
         while True:
             prompt_id = conn.recv()
             if prompt_id is None:
                 break
+            # The engine passes run here; the prompt's scoring, judging and writing go to the run's
+            # prompt worker (parity.background) and overlap the next prompt's passes. A prompt is
+            # reported finished once that job is done (its result is on disk).
             runner._run_sides([prompts[prompt_id]], engines, meta, list(prompts.values()), model_dir, fault)
-            finished, prompt_id = prompt_id, None
-            conn.send(("want", finished, meta.get("sides") or {}))
+            conn.send(("want", runner.worker.finished(), meta.get("sides") or {}))
+        runner.worker.close()
         runner.host.close_all()
         cache = runner.cache.summary() if runner.cache is not None else None
-        conn.send(("exit", {"peak": runner.host.peak, "cache": cache, "load_s": dict(runner.host.load_seconds)}))
+        info = {"peak": runner.host.peak, "cache": cache, "load_s": dict(runner.host.load_seconds)}
+        conn.send(("exit", runner.worker.finished(), info))
     except BaseException as e:  # report in one line, then exit: the parent marks the prompt failed
         from parity.engines.lifecycle import one_line
 
         code = 2 if isinstance(e, BadInput) else 3
+        if runner is not None:  # the prompts whose engine passes finished still get their results
+            try:
+                runner.worker.close()
+            except BaseException:  # noqa: BLE001 - the first failure is the one reported
+                pass
         try:
             conn.send(("error", code, one_line(e) if code == 3 else str(e)))
         except (OSError, ValueError):
@@ -297,7 +314,8 @@ def _prepare(job: WorkerJob):
     recipe = apply_overrides(recipe, [(f"{role}.device", device) for role in sides])
     runner = Run(Path(job.prompts_path), recipe, Path(job.out), job.command, refresh_reference=job.refresh_reference)
     runner.recipe_digest = job.recipe_digest
-    runner.worker = {"index": job.index, "device": job.device, "pid": os.getpid()}
+    runner.worker_info = {"index": job.index, "device": job.device, "pid": os.getpid()}
+    runner.worker = _tracking_worker()
     prompts = {p.id: p for p in job.prompts}
     model_dir = resolve_model(recipe.model, recipe.model_seed)
     fault = parse_fault(os.environ.get(FAULT_ENV))
@@ -312,6 +330,35 @@ def _prepare(job: WorkerJob):
     runner.cache = runner._reference_cache(model_dir, fault)
     runner.peak = runner.host.peak
     return runner, engines, prompts, model_dir, fault
+
+
+def _tracking_worker():
+    """The run's prompt worker (parity.background.PromptWorker), also telling which prompts'
+    result jobs have finished since it was last asked."""
+    from parity.background import PromptWorker
+
+    class TrackingWorker(PromptWorker):
+        def __init__(self) -> None:
+            super().__init__()
+            self._results: dict[str, object] = {}  # prompt id -> its _finish_prompt job
+
+        def submit(self, fn, *args, **kwargs):
+            future = super().submit(fn, *args, **kwargs)
+            if getattr(fn, "__name__", "") == "_finish_prompt":
+                self._results[args[0].id] = future
+            return future
+
+        def finished(self) -> list[str]:
+            """Prompt ids whose result job ended since the last call; a failed job raises here."""
+            out = []
+            for pid, future in list(self._results.items()):
+                if future.done():
+                    future.result()  # a job's failure is this worker's failure
+                    out.append(pid)
+                    del self._results[pid]
+            return out
+
+    return TrackingWorker()
 
 
 def _resident_host():

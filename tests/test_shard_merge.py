@@ -187,7 +187,7 @@ def test_a_killed_worker_loses_nothing_finished(suite, tmp_path):
     assert f"pid {victim['pid']}" in failed[0]["reason"]
     assert all(p["status"] == "ok" for p in s["prompts"] if p is not failed[0])  # the other worker ran the rest
     part = s["merge"]["parts"][victim["index"]]
-    assert part["status"] == "died" and part["in_flight"] == failed[0]["id"] and part["prompts"]
+    assert part["status"] == "died" and part["in_flight"] == [failed[0]["id"]] and part["prompts"]
     assert s["counts"] == {"prompts": len(PROMPTS), "ran": len(PROMPTS) - 1, "passed": s["counts"]["passed"],
                            "not_run": 1, "failed": 1}
     whole = verdicts(load(suite["whole"] / "summary.json"))

@@ -38,7 +38,7 @@ def print_summary(summary: Summary, console: Console) -> None:
         first, flip = c.first_divergence, c.first_flip
         flip_text = "-" if flip is None else (
             f"{flip.component} {flip.step}" + (f".{flip.substep}" if flip.substep >= 0 else "")
-            + f" Δ{_fmt(flip.cand_margin, '.2g')} " + (flip.extra.get("label") or ("tie" if flip.near_tie else "real"))
+            + f" Δ{_fmt(flip.cand_margin, '.2g')} " + (flip.label or ("tie" if flip.near_tie else "real"))
         )
         rel = ("inf" if first.nonfinite else first.rel_l2) if first else c.max_rel_l2
         verdict = "[green]pass[/]" if p.passed else "[red]FAIL[/] " + ", ".join(g.name for g in p.failed_gates())
