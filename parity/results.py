@@ -403,7 +403,7 @@ class Shard:
 class MergePart:
     """One part of a merged run: a shard directory (``kind`` shards) or a worker process
     (``kind`` workers). ``status``: ``merged``, ``missing`` (a shard never given to the merge),
-    ``finished`` or ``died`` (a worker)."""
+    ``finished``, ``died`` or ``stopped`` (a worker; stopped: the run was interrupted)."""
 
     index: int
     status: str

@@ -94,7 +94,7 @@ class _Worker:
     conn: object
     assigned: list[str] = field(default_factory=list)  # handed out, not yet reported finished
     finished: list[str] = field(default_factory=list)
-    status: str = "running"  # running / finished / died
+    status: str = "running"  # running / finished / died / stopped (the run was interrupted)
     failure: str | None = None
     exit_code: int | None = None
     info: dict = field(default_factory=dict)
@@ -175,6 +175,8 @@ def run_on_devices(runner, todo: list, meta: dict, all_prompts: list) -> None:
                 w.process.terminate()
         for w in workers:
             w.process.join(10)
+            if w.status == "running":
+                w.status = "stopped"
         raise
     finally:
         for w in workers:
