@@ -292,7 +292,8 @@ def merge_lines(summary) -> list[str]:
             lines.append(f"{name}: {part.failure}{at}; {len(part.prompts)} prompt(s) it finished are kept")
         else:
             where = f" from {part.source}" if m.kind == "shards" else ""
-            lines.append(f"{name}: {len(part.prompts)} prompt(s){where}" + (f"; {part.failure}" if part.failure else ""))
+            stopped = " (stopped: the run was interrupted)" if part.status == "stopped" else ""
+            lines.append(f"{name}: {len(part.prompts)} prompt(s){where}{stopped}" + (f"; {part.failure}" if part.failure else ""))
     c = summary.counts
     if c["not_run"]:
         lines.append(f"{c['not_run']} of {c['prompts']} prompts have no verdict ({c['failed']} failed, "
