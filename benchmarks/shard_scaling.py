@@ -3,6 +3,7 @@
 CPU (runs anywhere; ``random:tiny``)::
 
     python benchmarks/shard_scaling.py cpu --out reports/bench_shard_cpu.json
+    # committed: ... cpu --first 8 --frames 8 (the first 8 prompts of en_zh_18, 8 frames)
 
   on the same prompt file, each a fresh process, the reference cache off (every configuration
   runs both sides):
