@@ -196,3 +196,19 @@ def test_a_killed_worker_loses_nothing_finished(suite, tmp_path):
     resumed = parity("run", str(suite["prompts"]), "--out", str(out), *COMMON, "--devices", "cpu,cpu", "--resume")
     assert resumed.returncode in (0, 1), resumed.stderr
     assert verdicts(load(out / "summary.json")) == whole
+
+
+def test_an_out_of_memory_worker_marks_its_prompt_failed(suite, tmp_path):
+    """The engine of the worker that gets prompt 2 runs out of memory (the PARITY_FAULT test hook
+    around the real engine): that prompt is failed with the reason (a junit error), the other
+    worker runs every other prompt, exit 3 with one line."""
+    out = tmp_path / "oom"
+    proc = parity("run", str(suite["prompts"]), "--out", str(out), *COMMON, "--devices", "cpu,cpu",
+                  env={"PARITY_FAULT": "candidate:2:oom"})
+    assert proc.returncode == 3 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "OutOfMemoryError" in proc.stderr and "p002" in proc.stderr
+    s = load(out / "summary.json")
+    assert [p["status"] for p in s["prompts"]] == ["ok", "ok", "failed", "ok", "ok"]
+    assert "OutOfMemoryError" in s["prompts"][2]["reason"]
+    junit = (out / "junit.xml").read_text(encoding="utf-8")
+    assert 'classname="parity.p002" name="run"' in junit and "prompt not run (failed: worker" in junit
