@@ -68,6 +68,7 @@ def read_shard(path: Path) -> ShardRun:
     path = Path(path)
     if not path.is_dir():
         raise BadInput(f"'{path}' is not a directory; pass the run directories written by parity run --shard K/N")
+    outdir.check_not_locked(path)  # a shard still running has no final summary yet
     summary = read_summary(path)
     meta, _ = read_run(path)
     if summary.shard is None or not isinstance(meta.get("shard"), dict):
