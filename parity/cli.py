@@ -296,8 +296,8 @@ def merge_lines(summary) -> list[str]:
             lines.append(f"{name}: {len(part.prompts)} prompt(s){where}{stopped}" + (f"; {part.failure}" if part.failure else ""))
     c = summary.counts
     if c["not_run"]:
-        lines.append(f"{c['not_run']} of {c['prompts']} prompts have no verdict ({c['failed']} failed, "
-                     f"{c['not_run'] - c['failed']} not run)")
+        failed = c.get("failed", 0)
+        lines.append(f"{c['not_run']} of {c['prompts']} prompts have no verdict ({failed} failed, {c['not_run'] - failed} not run)")
     return lines
 
 

@@ -332,10 +332,13 @@ class Summary:
 
     @property
     def counts(self) -> dict:
-        """``not_run`` counts every prompt without a verdict; ``failed`` those of them that started."""
+        """``not_run`` counts every prompt without a verdict; ``failed`` (only when there are any)
+        those of them that started and whose worker or engine failed."""
         ran = [p for p in self.prompts if p.ran]
-        return {"prompts": len(self.prompts), "ran": len(ran), "passed": sum(p.passed for p in ran),
-                "not_run": len(self.prompts) - len(ran), "failed": sum(p.status == "failed" for p in self.prompts)}
+        out = {"prompts": len(self.prompts), "ran": len(ran), "passed": sum(p.passed for p in ran),
+               "not_run": len(self.prompts) - len(ran)}
+        failed = sum(p.status == "failed" for p in self.prompts)
+        return {**out, "failed": failed} if failed else out
 
     def prompt(self, prompt_id: str) -> PromptResult | None:
         return next((p for p in self.prompts if p.id == prompt_id), None)
