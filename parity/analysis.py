@@ -138,7 +138,10 @@ def load_prompt(run_dir: Path, prompt_id: str) -> tuple[PromptTraces, Measured]:
     except FileNotFoundError:
         raise BadInput(f"'{path}' is missing, so prompt {prompt_id} cannot be re-analysed; it was written by an "
                        "older parity or the run was cut short; re-run it with parity run") from None
-    except (OSError, ValueError, TypeError, KeyError, EOFError) as e:
+    except Exception as e:
+        # safetensors raises its own SafetensorError (not an OSError) for a damaged file
+        if not isinstance(e, (OSError, ValueError, TypeError, KeyError, EOFError)) and type(e).__name__ != "SafetensorError":
+            raise
         raise BadInput(f"'{path}' is unreadable ({type(e).__name__}), so prompt {prompt_id} cannot be re-analysed; "
                        "re-run it with parity run") from None
     for role in ("reference", "candidate.forced"):

@@ -22,7 +22,6 @@ A CUDA worker sees only its own GPU (``CUDA_VISIBLE_DEVICES``) and runs the side
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import sys
 from collections import deque
@@ -76,7 +75,7 @@ class WorkerJob:
     device: str
     prompts_path: str
     prompts: list  # the run's prompts (parity.prompts.Prompt), as the parent read them (a pipe reads once)
-    recipe: bytes  # the pickled Recipe (unpickled only after CUDA_VISIBLE_DEVICES is set)
+    recipe: object  # parity.recipe.Recipe (its module imports no torch: CUDA_VISIBLE_DEVICES is set first)
     out: str
     command: str
     recipe_digest: str
@@ -125,14 +124,13 @@ def run_on_devices(runner, todo: list, meta: dict, all_prompts: list) -> None:
     if not todo:
         return
     ctx = mp.get_context("spawn")
-    recipe = pickle.dumps(runner.recipe)
     queue = deque(p.id for p in todo)
     workers: list[_Worker] = []
     meta["devices"] = list(runner.devices)
     devices = runner.devices[:len(todo)]  # no worker without a prompt to run
     try:
         for i, device in enumerate(devices):
-            job = WorkerJob(i, device, str(runner.prompts_path), list(all_prompts), recipe, str(runner.out),
+            job = WorkerJob(i, device, str(runner.prompts_path), list(all_prompts), runner.recipe, str(runner.out),
                             runner.command, runner.recipe_digest or "", _worker_meta(meta), runner.refresh_reference,
                             _visible(device), sum(d == "cpu" for d in devices))
             parent_end, child_end = ctx.Pipe(duplex=True)
@@ -310,7 +308,7 @@ def _prepare(job: WorkerJob):
     from parity.recipe import apply_overrides
     from parity.run import FAULT_ENV, Run, parse_fault
 
-    recipe = pickle.loads(job.recipe)
+    recipe = job.recipe
     device = "cuda" if job.device.startswith("cuda") else "cpu"
     sides = ["reference", "candidate"] + (["truth"] if recipe.truth is not None else [])
     recipe = apply_overrides(recipe, [(f"{role}.device", device) for role in sides])
