@@ -232,13 +232,17 @@ def summarize(results: list[PromptResult], meta: dict, failure: str | None, peak
               reanalysis_of: str | None = None) -> Summary:
     """The run's summary record: its metadata (run.json's keys), every prompt's result, the verdict.
     A run passes when nothing failed, every prompt ran and every prompt passed its gates."""
-    own = {k: meta.get(k) for k in ("recipe", "tolerance", "sides", "command")}
+    from parity.results import Merge, Shard
+
+    own = {k: meta.get(k) for k in ("recipe", "tolerance", "sides", "command", "shard", "merge")}
     extra = {k: v for k, v in meta.items() if k not in own and k not in ("schema_version", "reanalysis_of")}
     ran = [r for r in results if r.ran]
     return Summary(
         prompts=results, passed=failure is None and len(ran) == len(results) and all(r.passed for r in ran),
         failure=failure, tolerance=own["tolerance"], recipe=own["recipe"] or {}, sides=own["sides"] or {},
         command=own["command"] or "", peak_memory=dict(peak_memory or {}), reanalysis_of=reanalysis_of, extra=extra,
+        shard=Shard.from_json(own["shard"]) if isinstance(own["shard"], dict) else None,
+        merge=Merge.from_json(own["merge"]) if isinstance(own["merge"], dict) else None,
     )
 
 

@@ -125,20 +125,29 @@ def run(
     refresh_reference: Annotated[bool, typer.Option("--refresh-reference", help="Run the reference again instead of reusing its cached traces (and re-cache them).")] = False,
     prompt_format: FormatOpt = None,
     probes: Annotated[Optional[str], typer.Option("--probes", help="layers (default) or sublayers: also probe each op inside every decoder layer and replay the first diverging layer across sides.")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="Run only slice K of N of the prompt file (K/N, 1-based; balanced by prompt length), or 'auto': from PARITY_SHARD, SLURM_ARRAY_TASK_ID/COUNT or CI_NODE_INDEX/TOTAL. PARITY_SHARD=K/N applies without it too. Combine shards with parity merge.")] = None,
+    devices: Annotated[Optional[str], typer.Option("--devices", help="One worker process per device, pulling prompts from one queue: cuda:0,cuda:1, all (every visible GPU) or cpu,cpu.")] = None,
 ) -> None:
     """Run reference and candidate on every prompt and report where they first diverge."""
     import signal
     import threading
 
     from parity import mistakes
+    from parity.shard import resolve_shard
     from parity.stackcheck import require_stack
 
     level = _verbosity(verbose, quiet)
     mistakes.check_prompts_not_recipe(prompts)  # the cheap checks first: nothing heavy is imported yet
     _check_max_frames(max_frames)
+    shard_spec = resolve_shard(shard, os.environ)  # bad K/N: one line, exit 2, before anything loads
     if not force:  # --force with --resume is refused by the run with its own message
         mistakes.check_resume_target(out, resume)
     require_stack()  # before anything imports qwen_tts: a broken install is one line, exit 2
+    worker_devices = _devices(devices, device)
+    if worker_devices:
+        from parity.workers import device_kind
+
+        device = device_kind(worker_devices)
     rec = _recipe(recipe, model, set_, max_frames, device, mos, utmos_checkpoint, probes)
     mistakes.check_cuda({"reference": rec.reference, "candidate": rec.candidate, "truth": rec.truth})
     out = out or default_out(rec.name)
@@ -150,14 +159,31 @@ def run(
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal() works only there
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
-        _run(prompts, rec, out, force, resume, json_out, level, refresh_reference, prompt_format)
+        _run(prompts, rec, out, force, resume, json_out, level, refresh_reference, prompt_format, shard_spec,
+             worker_devices)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
 
 
+def _devices(devices: str | None, device: str | None) -> list[str] | None:
+    """--devices as one device per worker, or None; refused together with --device."""
+    if devices is None:
+        return None
+    from parity.errors import BadInput
+
+    if device is not None:
+        raise BadInput("--devices and --device exclude each other: --devices names every worker's device; pass one")
+    import torch
+
+    from parity.workers import parse_devices
+
+    return parse_devices(devices, torch.cuda.device_count())
+
+
 def _run(prompts: Path, rec, out: Path, force: bool, resume: bool, json_out: bool, level: int,
-         refresh_reference: bool = False, prompt_format: str | None = None) -> None:
+         refresh_reference: bool = False, prompt_format: str | None = None, shard=None,
+         devices: list[str] | None = None) -> None:
     from parity.capture import engine_output_to
     from parity.report.console import closing_line, print_summary
     from parity.report.progress import Progress
@@ -167,6 +193,7 @@ def _run(prompts: Path, rec, out: Path, force: bool, resume: bool, json_out: boo
     progress = Progress(live=False if level > 0 else None, quiet=level < 0)
     runner = Run(prompts, rec, out, command, progress, refresh_reference)
     runner.prompt_format = prompt_format
+    runner.shard, runner.devices = shard, devices
     runner.freeze_heap = True  # this process runs one command
     try:
         with engine_output_to(lambda: out):
@@ -184,9 +211,13 @@ def _run(prompts: Path, rec, out: Path, force: bool, resume: bool, json_out: boo
     else:
         from parity.report.rundata import load_bisect
 
-        print_summary(summary, console, seconds, load_bisect(out), verbose=level > 0,
-                      footer=[_cache_line(summary.extra.get("reference_cache") or {}),
-                              f"wrote {out}/report.html, summary.json, junit.xml"])
+        footer = merge_lines(summary)
+        if summary.shard is not None:
+            footer.append(f"shard {summary.shard.label}: {len(summary.prompts)} of {summary.shard.total_prompts} prompts "
+                          "(merge the shards with: parity merge OUT SHARD_DIR...)")
+        footer += [_cache_line(summary.extra.get("reference_cache") or {}),
+                   f"wrote {out}/report.html, summary.json, junit.xml"]
+        print_summary(summary, console, seconds, load_bisect(out), verbose=level > 0, footer=footer)
     raise typer.Exit(0 if summary.passed else 1)
 
 
@@ -340,6 +371,47 @@ def compare_cmd(
     write_changes(changes, target)
     console.print(f"wrote {target}/compare.json")
     raise typer.Exit(1 if changes.regressed else 0)
+
+
+@app.command()
+def merge(
+    out: Annotated[Path, typer.Argument(help="Run directory to write the merged suite into (same rules as parity run --out).")],
+    shard_dirs: Annotated[list[Path], typer.Argument(help="Run directories written by parity run --shard K/N (read only).")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an OUT that holds an earlier parity run or merge.")] = False,
+    link: Annotated[bool, typer.Option("--link", help="Hard-link the shards' files into OUT instead of copying them (same file system; the files are then shared).")] = False,
+) -> None:
+    """Merge --shard K/N run directories into one run (summary.json, junit.xml, report.html); a missing shard's prompts are not_run."""
+    from parity.merge import merge_shards
+    from parity.report.console import print_summary
+
+    command = "parity " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    summary = merge_shards(out, shard_dirs, force, command, link)
+    print_summary(summary, console, footer=merge_lines(summary) + [f"wrote {out}/report.html, summary.json, junit.xml"])
+    raise typer.Exit(0 if summary.passed else 1)
+
+
+def merge_lines(summary) -> list[str]:
+    """Console lines on how a run was assembled from shards or workers, and what is missing."""
+    m = summary.merge
+    if m is None:
+        return []
+    lines = []
+    for part in m.parts:
+        name = f"shard {part.index}/{m.count}" if m.kind == "shards" else f"worker {part.index} ({part.source})"
+        if part.status == "missing":
+            lines.append(f"{name}: missing; its prompts are not_run")
+        elif part.status == "died":
+            at = f" while running {', '.join(part.in_flight)} (marked failed)" if part.in_flight else ""
+            lines.append(f"{name}: {part.failure}{at}; {len(part.prompts)} prompt(s) it finished are kept")
+        else:
+            where = f" from {part.source}" if m.kind == "shards" else ""
+            stopped = " (stopped: the run was interrupted)" if part.status == "stopped" else ""
+            lines.append(f"{name}: {len(part.prompts)} prompt(s){where}{stopped}" + (f"; {part.failure}" if part.failure else ""))
+    c = summary.counts
+    if c["not_run"]:
+        failed = c.get("failed", 0)
+        lines.append(f"{c['not_run']} of {c['prompts']} prompts have no verdict ({failed} failed, {c['not_run'] - failed} not run)")
+    return lines
 
 
 @app.command()

@@ -310,9 +310,15 @@ class Comparison:
         )
 
 
+STATUSES = ("ok", "not_run", "failed")
+
+
 @dataclass
 class PromptResult:
-    """One prompt's verdict. ``status`` is ``ok`` (it ran; ``comparison`` is set) or ``not_run``."""
+    """One prompt's verdict. ``status`` is ``ok`` (it ran; ``comparison`` is set), ``not_run``
+    (never started: the run stopped first, or its shard is missing from a merge) or ``failed`` (a
+    worker process died or its engine failed while running it). ``extra["reason"]`` says why a
+    prompt did not run."""
 
     id: str
     text: str
@@ -386,13 +392,19 @@ class Summary:
     peak_memory: dict = field(default_factory=dict)
     reanalysis_of: str | None = None
     schema_version: int = SCHEMA_VERSION
+    shard: "Shard | None" = None  # set on a --shard K/N run
+    merge: "Merge | None" = None  # set on a directory written by parity merge or by --devices
     extra: dict = field(default_factory=dict)  # run.json's other keys (environment, model, started, ...)
 
     @property
     def counts(self) -> dict:
+        """``not_run`` counts every prompt without a verdict; ``failed`` (only when there are any)
+        those of them that started and whose worker or engine failed."""
         ran = [p for p in self.prompts if p.ran]
-        return {"prompts": len(self.prompts), "ran": len(ran), "passed": sum(p.passed for p in ran),
-                "not_run": len(self.prompts) - len(ran)}
+        out = {"prompts": len(self.prompts), "ran": len(ran), "passed": sum(p.passed for p in ran),
+               "not_run": len(self.prompts) - len(ran)}
+        failed = sum(p.status == "failed" for p in self.prompts)
+        return {**out, "failed": failed} if failed else out
 
     def prompt(self, prompt_id: str) -> PromptResult | None:
         return next((p for p in self.prompts if p.id == prompt_id), None)
@@ -404,6 +416,10 @@ class Summary:
                "peak_memory": self.peak_memory}
         if self.reanalysis_of is not None:
             out["reanalysis_of"] = self.reanalysis_of
+        if self.shard is not None:
+            out["shard"] = self.shard.to_json()
+        if self.merge is not None:
+            out["merge"] = self.merge.to_json()
         return out
 
     @classmethod
@@ -415,7 +431,8 @@ class Summary:
             failure=own.get("failure"), tolerance=finite_or_none(own.get("tolerance")), recipe=dict(own.get("recipe") or {}),
             sides=dict(own.get("sides") or {}), command=str(own.get("command") or ""),
             peak_memory=dict(own.get("peak_memory") or {}), reanalysis_of=own.get("reanalysis_of"),
-            schema_version=int(own.get("schema_version") or 1), extra=extra,
+            schema_version=int(own.get("schema_version") or 1), shard=_opt(Shard, own.get("shard")),
+            merge=_opt(Merge, own.get("merge")), extra=extra,
         )
 
 
@@ -439,6 +456,88 @@ class BisectTrait:
     def from_json(cls, d: dict) -> "BisectTrait":
         own, _ = _known(cls, d)
         return cls(**own)
+
+
+@dataclass
+class Shard:
+    """What a ``--shard K/N`` run records: which slice it ran (``index`` is 1-based) of which
+    prompt file (``prompts_digest`` of the whole file's prompts), and every prompt of the file with
+    the shard it belongs to (``assignment``: ``{id, text, line, shard}``), so that a merge can name
+    the prompts of a shard that never arrived."""
+
+    index: int
+    count: int
+    prompts_digest: str
+    prompts_file: str = ""
+    total_prompts: int = 0
+    source: str = "--shard"
+    weight: int = 0  # UTF-8 bytes of this shard's prompts (the balancing weight)
+    assignment: list[dict] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Shard":
+        own, _ = _known(cls, d)
+        return cls(index=int(own["index"]), count=int(own["count"]), prompts_digest=str(own["prompts_digest"]),
+                   prompts_file=str(own.get("prompts_file") or ""), total_prompts=int(own.get("total_prompts") or 0),
+                   source=str(own.get("source") or "--shard"), weight=int(own.get("weight") or 0),
+                   assignment=[dict(a) for a in own.get("assignment") or []])
+
+
+@dataclass
+class MergePart:
+    """One part of a merged run: a shard directory (``kind`` shards) or a worker process
+    (``kind`` workers). ``status``: ``merged``, ``missing`` (a shard never given to the merge),
+    ``finished``, ``died`` or ``stopped`` (a worker; stopped: the run was interrupted)."""
+
+    index: int
+    status: str
+    prompts: list[str] = field(default_factory=list)  # ids this part finished
+    source: str | None = None  # the shard directory, or the worker's device
+    failure: str | None = None
+    pid: int | None = None
+    in_flight: list[str] = field(default_factory=list)  # prompts a dead worker had not finished (now failed)
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "MergePart":
+        own, _ = _known(cls, d)
+        return cls(index=int(own["index"]), status=str(own["status"]), prompts=[str(x) for x in own.get("prompts") or []],
+                   source=own.get("source"), failure=own.get("failure"), pid=own.get("pid"),
+                   in_flight=[str(x) for x in own.get("in_flight") or []])
+
+
+@dataclass
+class Merge:
+    """How a run directory was assembled from parts: ``parity merge`` of ``count`` shards, or
+    ``--devices`` with ``count`` worker processes sharing one queue."""
+
+    kind: str  # "shards" | "workers"
+    count: int
+    parts: list[MergePart]
+    prompts_digest: str = ""
+
+    @property
+    def missing(self) -> list[int]:
+        return [p.index for p in self.parts if p.status in ("missing", "died")]
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "count": self.count, "prompts_digest": self.prompts_digest,
+                "missing": self.missing, "parts": [p.to_json() for p in self.parts]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Merge":
+        own, _ = _known(cls, d)
+        return cls(kind=str(own["kind"]), count=int(own["count"]), parts=[MergePart.from_json(p) for p in own.get("parts") or []],
+                   prompts_digest=str(own.get("prompts_digest") or ""))
 
 
 @dataclass

@@ -151,9 +151,19 @@ def check_resumable(previous: dict, current: dict, out: Path) -> None:
     if diff:
         raise BadInput(f"--resume: '{out}' was started with another recipe ({diff}); "
                        "resume with the same recipe and options, or pass --force to start over")
+    old_shard, new_shard = (_shard_label(m) for m in (previous, current))
+    if old_shard != new_shard:
+        raise BadInput(f"--resume: '{out}' holds {'shard ' + old_shard if old_shard else 'a run of the whole file'}, "
+                       f"not {'shard ' + new_shard if new_shard else 'the whole file'}; resume with "
+                       f"{'--shard ' + old_shard if old_shard else 'no --shard'}, or pass --force to start over")
     if previous.get("prompts_digest") != current["prompts_digest"]:
         raise BadInput(f"--resume: '{out}' was started with other prompts (from {previous.get('prompts_file')!r}); "
                        "resume with the same prompt file, or pass --force to start over")
+
+
+def _shard_label(meta: dict) -> str | None:
+    shard = meta.get("shard")
+    return f"{shard.get('index')}/{shard.get('count')}" if isinstance(shard, dict) else None
 
 
 def first_nonfinite_sample(wav: np.ndarray, sr: int) -> dict | None:
@@ -237,6 +247,10 @@ class Run:
         self.recipe_digest: str | None = None  # set by execute; seals each result to its recipe and traces
         self.worker = PromptWorker()  # MOS scoring and judging, overlapping the engines (parity.background)
         self.ref_scores: dict[str, Future] = {}  # reference clips' scoring jobs, by prompt id
+        self.shard = None  # parity.shard.ShardSpec: run only that slice of the prompt file
+        self.devices: list[str] | None = None  # --devices: one worker process per entry (parity.workers)
+        self.failed: dict[str, str] = {}  # prompt id -> why it failed (a worker died while running it)
+        self.worker_info: dict | None = None  # set inside a --devices worker process: recorded in each result
 
     def execute(self, force: bool = False, resume: bool = False) -> Summary:
         """Run everything; returns the summary (also written to summary.json).
@@ -247,7 +261,18 @@ class Run:
         """
         fault = parse_fault(os.environ.get(FAULT_ENV))
         faults.check()
+        if (self.shard is not None or self.devices) and self.recipe.candidate.batch > 1:
+            what = "--shard" if self.shard is not None else "--devices"
+            raise BadInput(f"{what} with candidate.batch = {self.recipe.candidate.batch}: a batched row depends on its "
+                           f"batch-mates, which {what} would change; run a batched recipe in one piece")
         prompts = load_prompts(self.prompts_path, fmt=self.prompt_format)
+        shard_meta = None
+        if self.shard is not None:
+            from parity import shard
+
+            shard.check_fits(self.shard, prompts, str(self.prompts_path))
+            shard_meta = shard.shard_record(self.shard, prompts, str(self.prompts_path), prompts_digest(prompts))
+            prompts = shard.select(prompts, self.shard)
         from parity.refclip import check_prompts
 
         check_prompts(prompts, None, self.prompts_path)  # reference clips, before anything else (again with the model type in preflight)
@@ -262,6 +287,8 @@ class Run:
         }
         if not isinstance(meta["sides"], dict) or not all(isinstance(v, dict) for v in meta["sides"].values()):
             meta["sides"] = {}
+        if shard_meta is not None:
+            meta["shard"] = shard_meta
         if fault:
             meta["test_fault"] = os.environ[FAULT_ENV]
         if os.environ.get(faults.ENV):
@@ -293,7 +320,12 @@ class Run:
         try:
             write_json(self.out / "run.json", meta)
             faults.point("before_load")
-            self._run_sides(todo, engines, meta, prompts, model_dir, fault)
+            if self.devices:
+                from parity.workers import run_on_devices
+
+                run_on_devices(self, todo, meta, prompts)
+            else:
+                self._run_sides(todo, engines, meta, prompts, model_dir, fault)
         except (Exception, KeyboardInterrupt) as e:  # keep what finished, mark the rest, then report
             failure = e
         try:
@@ -436,7 +468,8 @@ class Run:
         if done:
             engine = self._load(engines["candidate"], "candidate", fault, index)
             meta["sides"]["candidate"] = engine.describe()
-            write_json(self.out / "run.json", meta)
+            if self.worker_info is None:  # --devices: the parent alone writes run.json (workers share the directory)
+                write_json(self.out / "run.json", meta)
             self.replay_reference: Engine | None = None  # loaded on the first layer replay (probes = "sublayers")
             try:
                 batched = self._run_batched(engine, done, ref_traces)
@@ -594,6 +627,8 @@ class Run:
         outdir.atomic_write_with(self.out / "points" / f"{p.id}.csv.gz",
                                  lambda tmp: points.drop(columns=["finite"]).to_csv(tmp, index=False, compression="gzip"))
         data = result.to_json()
+        if self.worker_info is not None:
+            data["worker"] = dict(self.worker_info)
         data[digest.KEY] = digest.seal(data, self.out, self.recipe_digest or "")  # ties it to its traces and recipe
         write_json(self.out / "results" / f"{p.id}.json", data)
 
@@ -604,8 +639,6 @@ class Run:
         Never raises: a failure while writing junit.xml or report.html (a full disk, a signal) is
         recorded in the summary and kept in ``self.output_failure``. summary.json is written last,
         with signals held off, and says ``passed`` only when every output it lists exists."""
-        from parity.report import html, junit
-
         self.output_failure: BaseException | None = None
         results = []
         for p in prompts:
@@ -615,42 +648,61 @@ class Run:
                 result, self.output_failure = None, self.output_failure or e
             if result:  # the digest seals results/<id>.json to its traces; the summary does not repeat it
                 result = {k: v for k, v in result.items() if k != digest.KEY}
-            results.append(PromptResult.from_json(result) if result else PromptResult(p.id, p.text, p.line, "not_run", False))
-        summary = analysis.summarize(results, {**meta, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-                                     _failure_text(failure), getattr(self, "peak", {}))
-        from parity.batching import summarize_rows
-
-        batch = summarize_rows([r.to_json() for r in results])
-        if batch is not None:
-            summary.extra["batch"] = batch
-        summary.extra["outputs"] = list(OUTPUTS)
-        for name in OUTPUTS[1:]:  # an old report must not stand in for this run's
-            try:
-                (self.out / name).unlink(missing_ok=True)
-            except OSError:
-                pass
-
-        def report() -> None:
-            faults.point("report")
-            html.write(summary, self.out, self.out / "report.html")
-
-        for name, write in (("junit.xml", lambda: junit.write(summary, self.out / "junit.xml")), ("report.html", report)):
-            try:
-                write()
-            except (Exception, KeyboardInterrupt) as e:
-                self.output_failure = self.output_failure or e
-                if summary.failure is None:
-                    summary.failure = f"writing {name} failed: {_failure_text(e)}"
-        missing = [name for name in OUTPUTS[1:] if not (self.out / name).is_file()]
-        if missing or self.output_failure is not None:
-            summary.passed = False
-            summary.extra["missing_outputs"] = missing
-        try:
-            with _signals_held():
-                write_json(self.out / "summary.json", summary.to_json())
-        except (Exception, KeyboardInterrupt) as e:
-            self.output_failure = self.output_failure or e
+                results.append(PromptResult.from_json(result))
+            elif p.id in self.failed:
+                results.append(PromptResult(p.id, p.text, p.line, "failed", False, extra={"reason": self.failed[p.id]}))
+            else:
+                results.append(PromptResult(p.id, p.text, p.line, "not_run", False))
+        summary, output_failure = write_run_outputs(self.out, results, meta, _failure_text(failure), getattr(self, "peak", {}))
+        self.output_failure = self.output_failure or output_failure
         return summary
+
+
+def write_run_outputs(out: Path, results: list[PromptResult], meta: dict, failure: str | None,
+                      peak: dict) -> tuple[Summary, BaseException | None]:
+    """The summary of a run directory's results, rendered: junit.xml and report.html, then
+    summary.json last (with signals held off), shared by ``parity run`` and ``parity merge``.
+
+    Never raises: a failure while writing an output is recorded in the summary (which then does
+    not pass) and returned."""
+    from parity.report import html, junit
+
+    out = Path(out)
+    output_failure: BaseException | None = None
+    summary = analysis.summarize(results, {**meta, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, failure, peak)
+    from parity.batching import summarize_rows
+
+    batch = summarize_rows([r.to_json() for r in results])
+    if batch is not None:
+        summary.extra["batch"] = batch
+    summary.extra["outputs"] = list(OUTPUTS)
+    for name in OUTPUTS[1:]:  # an old report must not stand in for this run's
+        try:
+            (out / name).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def report() -> None:
+        faults.point("report")
+        html.write(summary, out, out / "report.html")
+
+    for name, write in (("junit.xml", lambda: junit.write(summary, out / "junit.xml")), ("report.html", report)):
+        try:
+            write()
+        except (Exception, KeyboardInterrupt) as e:
+            output_failure = output_failure or e
+            if summary.failure is None:
+                summary.failure = f"writing {name} failed: {_failure_text(e)}"
+    missing = [name for name in OUTPUTS[1:] if not (out / name).is_file()]
+    if missing or output_failure is not None:
+        summary.passed = False
+        summary.extra["missing_outputs"] = missing
+    try:
+        with _signals_held():
+            write_json(out / "summary.json", summary.to_json())
+    except (Exception, KeyboardInterrupt) as e:
+        output_failure = output_failure or e
+    return summary, output_failure
 
 
 OUTPUTS = ("summary.json", "junit.xml", "report.html")

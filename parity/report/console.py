@@ -80,7 +80,9 @@ def print_summary(summary: Summary, console: Console, seconds: float | None = No
         table.add_column(col, justify=justify, overflow="fold", no_wrap=label)
     for p in summary.prompts:
         if not p.ran or p.comparison is None:
-            table.add_row(p.id, p.status, "", "", "", "", Text("not run", "yellow"))
+            reason = p.extra.get("reason")
+            table.add_row(p.id, p.status + (f": {reason}" if reason else ""), "", "", "", "",
+                          Text("failed", "red") if p.status == "failed" else Text("not run", "yellow"))
             continue
         c = p.comparison
         first, flip = c.first_divergence, c.first_flip

@@ -39,9 +39,15 @@ def build(summary: Summary) -> ET.Element:
         classname = _clean(f"parity.{prompt.id}")
         if not prompt.ran:
             case = ET.SubElement(suite, "testcase", classname=classname, name="run", time="0")
-            ET.SubElement(case, "skipped", message=_clean(f"prompt not run ({prompt.status})"))
+            reason = prompt.extra.get("reason")
+            message = _clean(f"prompt not run ({prompt.status}" + (f": {reason})" if reason else ")"))
+            if prompt.status == "failed":  # it started and its worker or engine failed: an error, not a skip
+                ET.SubElement(case, "error", message=message, type="parity.engine")
+                counts["errors"] += 1
+            else:
+                ET.SubElement(case, "skipped", message=message)
+                counts["skipped"] += 1
             counts["tests"] += 1
-            counts["skipped"] += 1
             continue
         first = prompt.comparison.first_divergence if prompt.comparison else None
         context = f"first divergence: {first.where() if first else 'none'}"
