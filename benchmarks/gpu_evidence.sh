@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The command that produced reports/faster-qwen3-tts/: run on the GPU machine from the repo root,
-# with the wheels of FINDINGS section 1 on PYTHONPATH. Each recipe's run directory is packed
+# with the pinned wheels (requirements.lock) on PYTHONPATH. Each recipe's run directory is packed
 # (without the large per-layer traces) into $OUT/<recipe>.tar.gz.
 #   bash benchmarks/gpu_evidence.sh faster-qwen3-tts faster-qwen3-tts-eager faster-qwen3-tts-fp32
 set -u
