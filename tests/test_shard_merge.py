@@ -26,6 +26,11 @@ PROMPTS = [
 ]
 
 
+def error_lines(stderr: str) -> list[str]:
+    """stderr without the progress log lines ("parity: [  12.3 s] ...") a run writes there off a terminal."""
+    return [ln for ln in stderr.strip("\n").splitlines() if not ln.startswith("parity: [")]
+
+
 def parity(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
     return subprocess.run([sys.executable, "-m", "parity.cli", *args], capture_output=True, text=True, cwd=REPO,
@@ -129,7 +134,7 @@ def test_a_mismatched_shard_is_refused(suite, tmp_path):
     assert proc.returncode in (0, 1), proc.stderr
     out = tmp_path / "m"
     proc = parity("merge", str(out), str(suite["shards"][0]), str(other), str(suite["shards"][2]))
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1
     assert "different recipes" in proc.stderr and "decoding.max_frames 4 -> 3" in proc.stderr
     assert not out.exists() or not any(out.iterdir())
 
@@ -143,7 +148,7 @@ def test_a_mismatched_shard_is_refused(suite, tmp_path):
     (moved / "summary.json").write_text(json.dumps(s), encoding="utf-8")
     proc = parity("merge", str(out), *map(str, suite["shards"][:2]), str(moved))
     assert proc.returncode == 2 and "different environments (torch" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    assert len(error_lines(proc.stderr)) == 1
 
     proc = parity("merge", str(out), str(suite["shards"][0]), str(suite["shards"][0]))
     assert proc.returncode == 2 and "both shard 1/3" in proc.stderr
@@ -176,7 +181,7 @@ def test_a_killed_worker_loses_nothing_finished(suite, tmp_path):
     kept = {f.name: f.read_bytes() for f in (out / "results").glob("*.json")}
     stdout, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 3, stderr
-    assert len(stderr.strip().splitlines()) == 1 and "killed by SIGKILL" in stderr
+    assert len(error_lines(stderr)) == 1 and "killed by SIGKILL" in stderr
     s = load(out / "summary.json")
     by_id = {p["id"]: p for p in s["prompts"]}
     for name, data in kept.items():  # nothing finished before the kill is lost or changed
@@ -205,7 +210,7 @@ def test_an_out_of_memory_worker_marks_its_prompt_failed(suite, tmp_path):
     out = tmp_path / "oom"
     proc = parity("run", str(suite["prompts"]), "--out", str(out), *COMMON, "--devices", "cpu,cpu",
                   env={"PARITY_FAULT": "candidate:2:oom"})
-    assert proc.returncode == 3 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.returncode == 3 and len(error_lines(proc.stderr)) == 1, proc.stderr
     assert "OutOfMemoryError" in proc.stderr and "p002" in proc.stderr
     s = load(out / "summary.json")
     assert [p["status"] for p in s["prompts"]] == ["ok", "ok", "failed", "ok", "ok"]
