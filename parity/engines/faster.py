@@ -89,6 +89,14 @@ class GraphTaps:
         self.enabled_talker_logits = False
         self._handles: list = []
 
+    # What a hook keeps of an output: batch row 0's last position (a subclass with a row axis
+    # keeps every row's).
+    _pick = staticmethod(_last)
+
+    def _write_talker(self) -> None:
+        """Gather the held talker outputs of one step into the slots (one kernel)."""
+        torch.stack(self._talker_held, out=self.talker_slots)
+
     def attach(self) -> None:
         t_layers, p_layers = self.talker.model.layers, self.pred.model.layers
         self._handles.append(t_layers[0].register_forward_pre_hook(self._pre(self._talker_held, "talker"), with_kwargs=True))
@@ -111,32 +119,32 @@ class GraphTaps:
 
     def _pre(self, held: list, component: str):
         def hook(module, args, kwargs):
-            held.append(_last(args[0] if args else kwargs["hidden_states"]))
+            held.append(self._pick(args[0] if args else kwargs["hidden_states"]))
             self._count(f"{component}.embed")
 
         return hook
 
     def _post_talker(self, i: int, last: bool):
         def hook(module, args, output):
-            self._talker_held.append(_last(output))
+            self._talker_held.append(self._pick(output))
             self._count(f"talker.layer{i}")
             if last:
                 if len(self._talker_held) == self.n_t + 1:
-                    torch.stack(self._talker_held, out=self.talker_slots)
+                    self._write_talker()
                 self._talker_held.clear()  # clear, not rebind: the embed pre-hook holds this list
 
         return hook
 
     def _post_pred(self, i: int):
         def hook(module, args, output):
-            self._pred_held.append(_last(output))
+            self._pred_held.append(self._pick(output))
             self._count(f"predictor.layer{i}")
 
         return hook
 
     def _post_head(self, j: int):
         def hook(module, args, output):
-            self._logits_held.append(_last(output))
+            self._logits_held.append(self._pick(output))
             self._count("predictor.logits")
             if j == NUM_SUB_STEPS - 1:
                 if len(self._pred_held) == self.pred_slots.shape[0] and len(self._logits_held) == NUM_SUB_STEPS:
@@ -148,9 +156,9 @@ class GraphTaps:
         return hook
 
     def _codec_head(self, module, args, output):
-        # Always eager in faster-qwen3-tts (outside both graphs).
+        # Always eager in faster-qwen3-tts and in the batched package's loop (outside both graphs).
         if self.enabled_talker_logits:
-            self.talker_logits.append(_last(output).to(torch.float32, copy=True))
+            self.talker_logits.append(self._pick(output).to(torch.float32, copy=True))
 
     def check_coverage(self) -> None:
         """Every point must have been written at least once (at capture or in an eager run)."""

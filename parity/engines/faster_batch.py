@@ -90,52 +90,14 @@ class RowTaps(GraphTaps):
         self.pred_slots = torch.zeros((NUM_SUB_STEPS * (self.n_p + 1), rows, hp), dtype=dtype, device=device)
         self.pred_logit_slots = torch.zeros((NUM_SUB_STEPS, rows, vp), dtype=dtype, device=device)
 
-    def _pre(self, held: list, component: str):
-        def hook(module, args, kwargs):
-            held.append(_rows_last(args[0] if args else kwargs["hidden_states"]))
-            self._count(f"{component}.embed")
+    _pick = staticmethod(_rows_last)
 
-        return hook
-
-    def _post_talker(self, i: int, last: bool):
-        def hook(module, args, output):
-            self._talker_held.append(_rows_last(output))
-            self._count(f"talker.layer{i}")
-            if last:
-                if len(self._talker_held) == self.n_t + 1:
-                    n = self._talker_held[0].shape[0]
-                    if n == self.rows:
-                        torch.stack(self._talker_held, out=self.talker_slots)
-                    else:  # the eager prefill of a smaller batch
-                        self.talker_slots[:, :n].copy_(torch.stack(self._talker_held))
-                self._talker_held.clear()  # clear, not rebind: the embed pre-hook holds this list
-
-        return hook
-
-    def _post_pred(self, i: int):
-        def hook(module, args, output):
-            self._pred_held.append(_rows_last(output))
-            self._count(f"predictor.layer{i}")
-
-        return hook
-
-    def _post_head(self, j: int):
-        def hook(module, args, output):
-            self._logits_held.append(_rows_last(output))
-            self._count("predictor.logits")
-            if j == NUM_SUB_STEPS - 1:
-                if len(self._pred_held) == self.pred_slots.shape[0] and len(self._logits_held) == NUM_SUB_STEPS:
-                    torch.stack(self._pred_held, out=self.pred_slots)
-                    torch.stack(self._logits_held, out=self.pred_logit_slots)
-                self._pred_held.clear()
-                self._logits_held.clear()
-
-        return hook
-
-    def _codec_head(self, module, args, output):
-        # Eager in the package's loop (outside both graphs): every row's logits of this step.
-        if self.enabled_talker_logits:
-            self.talker_logits.append(_rows_last(output).to(torch.float32, copy=True))
+    def _write_talker(self) -> None:
+        n = self._talker_held[0].shape[0]
+        if n == self.rows:
+            torch.stack(self._talker_held, out=self.talker_slots)
+        else:  # the eager prefill of a smaller batch
+            self.talker_slots[:, :n].copy_(torch.stack(self._talker_held))
 
 
 class RowForcingSampler:
