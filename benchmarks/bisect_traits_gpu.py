@@ -35,23 +35,40 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = ("faster-qwen3-tts", "faster-qwen3-tts-eager")
 
 
-def run_one(name: str, prompts: str, steps: int, out: Path) -> dict:
-    """One ``parity bisect`` through the CLI: its console text, exit status and wall time."""
+def run_one(name: str, prompts: str, steps: int, out: Path, timeout: float | None = None) -> dict:
+    """One ``parity bisect`` through the CLI: its console text, exit status and wall time.
+
+    The console (stdout, then stderr with parity's progress log lines) streams into
+    ``console.txt`` while the command runs, so a run stopped by ``timeout`` (or by the machine's
+    limit) still leaves how far it got."""
     target = out / name
-    command = [sys.executable, "-m", "parity.cli", "bisect", prompts, "--recipe", f"recipes/{name}.toml",
-               "--steps", str(steps), "--out", str(target)]
-    env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
-    t0 = time.perf_counter()
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
     target.mkdir(parents=True, exist_ok=True)
-    (target / "console.txt").write_text(f"$ python {' '.join(command[1:])}\n{proc.stdout}\n--- stderr ---\n{proc.stderr}",
-                                        encoding="utf-8")
-    entry: dict = {"recipe": name, "command": "python " + " ".join(command[1:]), "exit": proc.returncode,
+    command = [sys.executable, "-m", "parity.cli", "bisect", prompts, "--recipe", f"recipes/{name}.toml",
+               "--steps", str(steps), "--out", str(target), "-v"]
+    env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+    console = target / "console.txt"
+    t0 = time.perf_counter()
+    with console.open("w", encoding="utf-8") as log:
+        log.write(f"$ python {' '.join(command[1:])}\n")
+        log.flush()
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            code = None
+    wall = time.perf_counter() - t0
+    entry: dict = {"recipe": name, "command": "python " + " ".join(command[1:]), "exit": code,
                    "wall_s": round(wall, 2)}
+    if code is None:
+        lines = console.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        entry["error"] = f"stopped after {timeout:g} s (--timeout); last console line: {lines[-1] if lines else ''}"
+        return entry
     path = target / "bisect.json"
     if not path.exists():
-        entry["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no bisect.json"
+        lines = console.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        entry["error"] = lines[-1] if lines else "no bisect.json"
         return entry
     result = json.loads(path.read_text(encoding="utf-8"))["bisect"]
     entry.update({
@@ -89,11 +106,12 @@ def main() -> None:
     parser.add_argument("--prompts", default="recipes/prompts/en_zh_18.jsonl")
     parser.add_argument("--steps", type=int, default=4, help="Teacher-forced frames per bisect run (the divergence on these recipes enters at talker step 0 or 1).")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="Comma-separated recipe names under recipes/.")
+    parser.add_argument("--timeout", type=float, default=None, help="Stop a recipe's bisect after this many seconds (its console so far is kept).")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     entries = []
     for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
-        entries.append(run_one(name, args.prompts, args.steps, args.out.resolve()) | {"prompts": args.prompts, "steps": args.steps})
+        entries.append(run_one(name, args.prompts, args.steps, args.out.resolve(), args.timeout) | {"prompts": args.prompts, "steps": args.steps})
         print(json.dumps({k: entries[-1].get(k) for k in ("recipe", "exit", "wall_s", "verdict")}), flush=True)
     path = args.out / "bench_bisect_traits_gpu.json"
     done = {e["recipe"] for e in entries}

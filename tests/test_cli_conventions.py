@@ -117,6 +117,17 @@ def test_cuda_recipe_without_a_gpu_is_refused_before_building_a_checkpoint(tmp_p
     assert not out.exists() and (not cache.exists() or not any(cache.rglob("*.safetensors")))
 
 
+def test_faster_engine_on_the_cpu_recipe_is_not_refused(tmp_path):
+    # The faster engine's CPU recipe (device = "cpu") runs without a GPU through the CLI; only a side
+    # that needs CUDA (a cuda device, or the faster engine on an unspecified device) is refused.
+    out = tmp_path / "out"
+    proc = parity("run", "recipes/prompts/smoke.txt", "--recipe", "recipes/faster-qwen3-tts-cpu.toml", "--max-frames", "2",
+                  "--mos", "none", "--out", str(out), "--json", env={"PARITY_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode in (0, 1), proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["sides"]["candidate"]["engine"].startswith("faster") and summary["counts"]["ran"] == 3
+
+
 def test_env_json_is_machine_readable():
     proc = parity("env", "--json")
     assert proc.returncode == 0, proc.stderr
