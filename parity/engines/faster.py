@@ -220,7 +220,8 @@ class FasterEngine(Engine):
         self.run_patches = None  # set by a removed trait: decoding -> [(object, attribute, value)] for one run
 
     # -- lifecycle ---------------------------------------------------------------------
-    def load(self) -> None:
+    def _open_tts(self) -> tuple[torch.dtype, int]:
+        """Load the faster-qwen3-tts instance (CUDA, or its modules on the CPU); its dtype and cache length."""
         import_qwen_tts()
         dtype = TORCH_DTYPES[self.side.dtype]
         max_seq_len = self.side.static_len or 2048
@@ -233,6 +234,10 @@ class FasterEngine(Engine):
             )
         else:
             self.tts = _cpu_instance(self.model_dir, dtype, self.side.attention, max_seq_len)
+        return dtype, max_seq_len
+
+    def load(self) -> None:
+        dtype, max_seq_len = self._open_tts()
         talker = self.tts.model.model.talker
         # Variants change the modules the graphs will capture, so they go in before capture and
         # before the taps (which hook the layers as they then are).

@@ -57,10 +57,9 @@ from parity.engines.faster import (
     GraphTaps,
     ProbeCoverageError,
     _check_stale,
-    _cpu_instance,
     _cpu_sync_shim,
 )
-from parity.engines.reference import TORCH_DTYPES, import_qwen_tts, tf32_mode
+from parity.engines.reference import tf32_mode
 from parity.errors import BadInput
 from parity.prompts import Prompt
 from parity.recipe import Decoding, Side
@@ -217,18 +216,7 @@ class FasterBatchEngine(FasterEngine):
 
     # -- lifecycle ---------------------------------------------------------------------
     def load(self) -> None:
-        import_qwen_tts()
-        dtype = TORCH_DTYPES[self.side.dtype]
-        max_seq_len = self.side.static_len or 2048
-        if self.device.type == "cuda":
-            from faster_qwen3_tts import FasterQwen3TTS
-
-            self.tts = FasterQwen3TTS.from_pretrained(
-                str(self.model_dir), device="cuda", dtype=dtype, attn_implementation=self.side.attention,
-                max_seq_len=max_seq_len,
-            )
-        else:
-            self.tts = _cpu_instance(self.model_dir, dtype, self.side.attention, max_seq_len)
+        dtype, max_seq_len = self._open_tts()
         kind = self.tts.model.model.tts_model_type
         if kind != "base":
             raise BadInput(f"the faster-qwen3-tts-batch engine batches voice cloning only (its batch API is "
