@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trace_checks import assert_full_coverage
 
 from parity import batching, compare
 from parity.engines.faster import FasterEngine, ProbeCoverageError
@@ -68,18 +69,6 @@ def batch4(base_dir):
     engine.close()
 
 
-def _assert_full_coverage(trace) -> None:
-    """Every talker step and predictor sub-step of this row recorded every layer, finite."""
-    layers = trace.meta["n_talker_layers"] + 1
-    assert trace.talker_hidden.shape[:2] == (trace.n_steps, layers)
-    assert trace.talker_logits.shape[0] == trace.n_steps
-    assert trace.pred_hidden.shape[:3] == (trace.n_frames, 15, trace.meta["n_predictor_layers"] + 1)
-    assert trace.pred_logits.shape[:2] == (trace.n_frames, 15)
-    assert trace.talker_choice.shape == trace.talker_tokens.shape and trace.pred_choice.shape == (trace.n_frames, 15)
-    for t in (trace.talker_hidden, trace.talker_logits, trace.pred_hidden, trace.pred_logits):
-        assert t.numel() and torch.isfinite(t).all()
-
-
 def test_rows_teacher_forced_with_full_probe_coverage(batch4, references):
     """A batch of 4 left-padded voice-clone rows, each forced on its own batch-1 reference: every
     row consumes its own codes, records every layer of every step, and stays within fp32 noise of
@@ -89,7 +78,7 @@ def test_rows_teacher_forced_with_full_probe_coverage(batch4, references):
     pads = []
     for p in prompts:
         row, ref = rows[p.id], references[p.id]
-        _assert_full_coverage(row)
+        assert_full_coverage(row, choices=True)
         assert torch.equal(row.codes, ref.codes) and torch.equal(row.talker_tokens, ref.talker_tokens)
         assert row.meta["prefill_len"] == ref.meta["prefill_len"]
         info = row.meta["batch"]
@@ -210,7 +199,7 @@ def test_graph_taps_equal_eager_values(base_dir, references):
     assert graphs[prompts[0].id].meta["side"]["cuda_graphs"] and not eager[prompts[0].id].meta["side"]["cuda_graphs"]
     for p in prompts:
         a, b = graphs[p.id], eager[p.id]
-        _assert_full_coverage(a)
+        assert_full_coverage(a, choices=True)
         assert torch.equal(a.codes, references[p.id].codes)
         assert torch.allclose(a.talker_hidden, b.talker_hidden, rtol=0, atol=1e-5)
         assert torch.allclose(a.pred_hidden, b.pred_hidden, rtol=0, atol=1e-5)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from trace_checks import assert_full_coverage
 
 from parity import batching, compare, refclip
 from parity.bisect import configure, find_factors
@@ -39,17 +40,6 @@ def clip(tmp_path_factory) -> Path:
 def _clone_prompt(clip: Path, mode: str) -> Prompt:
     ref_text = "This is the reference voice." if mode == "icl" else None
     return Prompt(id=mode, text="Hello world, this is a test.", language="english", ref_audio=str(clip), ref_text=ref_text, line=1)
-
-
-def _assert_full_coverage(trace) -> None:
-    """Every talker step and every predictor sub-step recorded every layer, with finite values."""
-    layers = trace.meta["n_talker_layers"] + 1
-    assert trace.talker_hidden.shape[:2] == (trace.n_steps, layers)
-    assert trace.talker_logits.shape[0] == trace.n_steps
-    assert trace.pred_hidden.shape[:3] == (trace.n_frames, 15, trace.meta["n_predictor_layers"] + 1)
-    assert trace.pred_logits.shape[:2] == (trace.n_frames, 15)
-    for t in (trace.talker_hidden, trace.talker_logits, trace.pred_hidden, trace.pred_logits):
-        assert t.numel() and torch.isfinite(t).all()
 
 
 # -- built-in checkpoints ---------------------------------------------------------------------
@@ -84,7 +74,7 @@ def test_clone_mode_teacher_forcing_exact_on_both_engines(clone_engines, clip, m
     ref, fast = clone_engines
     prompt = _clone_prompt(clip, mode)
     reference = ref.run(prompt, Decoding(max_frames=FRAMES))
-    _assert_full_coverage(reference)
+    assert_full_coverage(reference)
     # The clip's encoding is in the trace: codes only in ICL mode, the speaker embedding in both.
     assert reference.ref_speaker.shape == (64,)
     assert (reference.ref_codes.shape[0] > 0) == (mode == "icl")
@@ -96,7 +86,7 @@ def test_clone_mode_teacher_forcing_exact_on_both_engines(clone_engines, clip, m
     assert compare.point_frame(again, reference, 1e-5)["rel_l2"].max() == 0.0  # same engine, same settings: exact
 
     forced = fast.run(prompt, Decoding(max_frames=FRAMES), force=reference)
-    _assert_full_coverage(forced)
+    assert_full_coverage(forced)
     assert torch.equal(forced.codes, reference.codes)
     assert forced.meta["prefill_len"] == reference.meta["prefill_len"]
     points = compare.point_frame(forced, reference, 1e-5)
@@ -147,7 +137,7 @@ def test_voice_design_on_both_engines(parity_cache):
     fast.load()
     forced = fast.run(prompt, Decoding(max_frames=FRAMES), force=reference)
     fast.close()
-    _assert_full_coverage(forced)
+    assert_full_coverage(forced)
     assert torch.equal(forced.codes, reference.codes)
     assert compare.point_frame(forced, reference, 1e-5)["rel_l2"].max() < 1e-5
 
