@@ -51,11 +51,13 @@ def check_resume_target(out: Path | None, resume: bool) -> None:
 
 
 def needs_cuda(sides: dict) -> list[str]:
-    """The roles of the sides that cannot run without a CUDA GPU."""
-    # The faster engines run their modules eagerly on the CPU only when the side says device = "cpu".
+    """The roles of the sides that cannot run without a CUDA GPU: a cuda device, or an engine that
+    needs CUDA (the faster engines) on any device but "cpu"."""
+    from parity.engines.registry import CUDA_BUILTINS
+
     return [role for role, side in sides.items()
             if side is not None and (str(side.device).startswith("cuda")
-                                     or (side.engine.startswith("faster") and str(side.device) != "cpu"))]
+                                     or (side.engine in CUDA_BUILTINS and str(side.device) != "cpu"))]
 
 
 def check_cuda(sides: dict) -> None:
@@ -68,7 +70,6 @@ def check_cuda(sides: dict) -> None:
     if torch.cuda.is_available():
         return
     side = sides[roles[0]]
-    what = f"engine '{side.engine}'" if side.engine.startswith("faster") and not str(side.device).startswith("cuda") \
-        else f"device '{side.device}'"
+    what = f"device '{side.device}'" if str(side.device).startswith("cuda") else f"engine '{side.engine}'"
     raise BadInput(f"[{roles[0]}] {what} needs a CUDA GPU and none is visible on this machine; run on a GPU machine, "
                    "or pick a CPU recipe (e.g. --recipe recipes/smoke.toml or recipes/faster-qwen3-tts-cpu.toml) or --device cpu")

@@ -97,6 +97,10 @@ def engine_class(name: str) -> type[Engine]:
     return cls
 
 
+# Built-in engines that need a CUDA GPU unless their side says device = "cpu" (they then drive
+# their modules eagerly, without CUDA graphs).
+CUDA_BUILTINS = ("faster", "faster-qwen3-tts-batch")
+
 # Built-in engines that decode several prompts as one batch (they have ``run_batch``; side setting batch = N).
 BATCHING_BUILTINS = ("reference", "faster-qwen3-tts-batch")
 
