@@ -26,6 +26,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -33,6 +34,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = ("faster-qwen3-tts", "faster-qwen3-tts-eager")
+
+
+def _stamp_lines(stream, log, t0: float) -> None:
+    """Copy ``stream`` into ``log`` line by line, each prefixed with the elapsed seconds."""
+    for line in stream:
+        log.write(f"[{time.perf_counter() - t0:7.1f}s] {line}")
+        log.flush()
 
 
 def run_one(name: str, prompts: str, steps: int, out: Path, timeout: float | None = None) -> dict:
@@ -51,13 +59,17 @@ def run_one(name: str, prompts: str, steps: int, out: Path, timeout: float | Non
     with console.open("w", encoding="utf-8") as log:
         log.write(f"$ python {' '.join(command[1:])}\n")
         log.flush()
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Each console line is kept with the seconds since the start, so a stopped run shows where its time went.
+        reader = threading.Thread(target=_stamp_lines, args=(proc.stdout, log, t0), daemon=True)
+        reader.start()
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
             code = None
+        reader.join(timeout=5)
     wall = time.perf_counter() - t0
     entry: dict = {"recipe": name, "command": "python " + " ".join(command[1:]), "exit": code,
                    "wall_s": round(wall, 2)}
@@ -109,17 +121,25 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=None, help="Stop a recipe's bisect after this many seconds (its console so far is kept).")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    # The built-in checkpoint is built (or found) first and timed apart, so it is not part of a bisect's wall time.
+    from parity.models import ensure_builtin
+
+    t0 = time.perf_counter()
+    ensure_builtin("0.6b")
+    build_s = round(time.perf_counter() - t0, 1)
+    print(json.dumps({"checkpoint random:0.6b ready after s": build_s}), flush=True)
+    path = args.out / "bench_bisect_traits_gpu.json"
+    earlier = json.loads(path.read_text(encoding="utf-8"))["recipes"] if path.exists() else []
     entries = []
     for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
         entries.append(run_one(name, args.prompts, args.steps, args.out.resolve(), args.timeout) | {"prompts": args.prompts, "steps": args.steps})
         print(json.dumps({k: entries[-1].get(k) for k in ("recipe", "exit", "wall_s", "verdict")}), flush=True)
-    path = args.out / "bench_bisect_traits_gpu.json"
-    done = {e["recipe"] for e in entries}
-    earlier = json.loads(path.read_text(encoding="utf-8"))["recipes"] if path.exists() else []
-    summary = {"benchmark": "parity bisect over faster-qwen3-tts engine traits", "prompts": args.prompts,
-               "steps": args.steps, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "environment": environment(), "recipes": [e for e in earlier if e["recipe"] not in done] + entries}
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        # Written after each recipe, so a command stopped during the next one keeps this one's entry.
+        done = {e["recipe"] for e in entries}
+        summary = {"benchmark": "parity bisect over faster-qwen3-tts engine traits", "prompts": args.prompts,
+                   "steps": args.steps, "checkpoint_ready_s": build_s, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "environment": environment(), "recipes": [e for e in earlier if e["recipe"] not in done] + entries}
+        path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out / 'bench_bisect_traits_gpu.json'}")
 
 

@@ -223,6 +223,7 @@ class Runner:
             engine = next((e for e in self.engines if hasattr(e, "reconfigure") and e.can_reuse(side)), None)
         if engine is None:
             role = "reference" if side == self.recipe.reference else side.label()
+            self.progress(f"load: {side.engine} engine, {side.label()}")
             engine = self.host.load(self.host.make(side, role), role)
             self.loads += 1
             if side.variants and getattr(engine, "applied", None) is None:
@@ -237,6 +238,7 @@ class Runner:
     def run_reference(self) -> None:
         """The reference's own K-frame trace per prompt: what every configuration is forced on."""
         engine = self._engine(self.recipe.reference)
+        self.progress(f"reference: {len(self.prompts)} prompt(s) x {self.decoding.max_frames} frames")
         for p in self.prompts:
             self.reference_traces[p.id] = engine.run(p, self.decoding)
 
@@ -356,22 +358,30 @@ class Search:
             return self._finish(result)
         alone = {n: self.test([n], "alone") for n in names}
 
+        # Independent sources: find a minimal diverging set in `pool` (a set known to diverge: the
+        # candidate, then the candidate without the culprits so far and without what needs them),
+        # add it, and look again while the candidate without all culprits still diverges. The pool
+        # never holds a culprit or anything that needs one, so each round adds new settings and the
+        # loop ends.
         culprits: list[str] = []
         without: Outcome | None = None
+        pool = list(names)
         while True:
-            rest = [n for n in names if n not in culprits]
-            found = self.minimal_diverging(rest)
-            closed = self.close(set(culprits) | set(found))
-            if closed != set(culprits) | set(found):  # what the found traits require came along: minimise again
+            found = self.minimal_diverging(pool)
+            closed = self.close(set(found))
+            if closed != set(found):  # what the found traits require came along: minimise that set again
                 closed = set(self.shrink([n for n in names if n in closed]))
-            culprits = [n for n in names if n in closed]
+            if closed <= set(culprits):  # nothing new (cannot happen with a consistent oracle): stop, unproven
+                break
+            culprits = [n for n in names if n in closed or n in culprits]
             remaining = self.drop(names, culprits)
             if not remaining:
                 without = None  # the candidate without every setting is the reference itself
                 break
             without = self.test(remaining, "proof", fresh=True)
-            if not without.diverges or not (set(rest) - set(found)):
+            if not without.diverges:
                 break
+            pool = remaining
         dropped_with = [n for n in names if n not in culprits and n not in remaining]
         again = self.test(culprits, "proof", fresh=True)
         holds = again.diverges and (without is None or not without.diverges)

@@ -224,3 +224,47 @@ def test_render_every_kind_of_result():
     assert "no divergence" in rendered(result)
     assert "nothing to bisect" in rendered({**frame, "factors": [], "verdict": "nothing to bisect: same settings",
                                             "counts": {"runs": 0}})
+
+
+def trait_search(diverges, recipe: str = "faster-qwen3-tts"):
+    """A Search over the faster engine's traits between a GPU recipe's sides, answered by
+    ``diverges(names)`` (no engine runs); returns it and the log of (purpose, names)."""
+    from parity.bisect import trait_space
+    from parity.recipe import load_recipe
+
+    r = load_recipe(REPO / "recipes" / f"{recipe}.toml")
+    factors, _ = find_factors(r.reference, r.candidate)
+    space = trait_space(r.reference, r.candidate, factors)
+    runs: list = []
+
+    def execute(side, purpose, names, layers=None):
+        d = diverges(set(names))
+        runs.append((purpose, tuple(names)))
+        if len(runs) > 200:
+            raise AssertionError("the search does not end")
+        return Outcome(len(runs), purpose, list(names), side.label(), d,
+                       first_divergence=Divergence("talker", 0, -1, 0, "layer0", rel_l2=0.1) if d else None,
+                       max_rel_l2=0.1 if d else 0.0)
+
+    return Search(r.reference, factors, execute, lambda: {"talker": 28, "predictor": 5}, space), runs
+
+
+def test_a_second_source_beside_a_trait_that_others_need_is_found_and_the_search_ends():
+    # The shape met on the H200 (faster-qwen3-tts.toml): the static cache alone diverges, the
+    # talker graph needs it, and the candidate without them still diverges through another
+    # trait. The search once re-ran the same proof forever here.
+    search, runs = trait_search(lambda names: "faster.static_cache" in names or "faster.predictor_graph" in names)
+    result = search.run()
+    assert {"faster.static_cache", "faster.predictor_graph"} <= set(result["culprits"])
+    assert "faster.talker_graph" not in result["culprits"] and "faster.decode_mask" not in result["culprits"]
+    assert result["proof"]["holds"] and not result["proof"]["candidate_without"]["diverges"]
+    assert sum(purpose == "proof" for purpose, _ in runs) <= 4
+    assert result["explained_by_traits"] and result["unexplained"] is None
+
+
+def test_a_single_trait_that_others_need_is_the_whole_answer():
+    search, runs = trait_search(lambda names: "faster.static_cache" in names)
+    result = search.run()
+    assert result["culprits"] == ["faster.static_cache"]
+    assert result["proof"]["holds"]
+    assert result["proof"].get("also_without") == ["faster.talker_graph"]
