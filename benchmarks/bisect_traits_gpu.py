@@ -104,7 +104,7 @@ def environment() -> dict:
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    for dist in ("transformers", "qwen-tts", "faster-qwen3-tts"):
+    for dist in ("transformers", "qwen-tts-hf", "faster-qwen3-tts"):
         try:
             info[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -394,6 +394,9 @@ class Search:
         }
         if dropped_with:  # settings that need a culprit go with it (a graph captured around a culprit mask)
             result["proof"]["also_without"] = dropped_with
+        elsewhere = _elsewhere(again, full)
+        if elsewhere:
+            result["proof"]["elsewhere"] = elsewhere
         removed = {n: self.test(self.drop(names, [n]), "removed") for n in names}
         result["alone"] = {n: o.to_json() for n, o in alone.items()}
         result["removed"] = {n: o.to_json() for n, o in removed.items()}
@@ -403,6 +406,8 @@ class Search:
             f"culprit{'s' if len(culprits) > 1 else ''}: {', '.join(culprits)} (proof holds)" if holds
             else f"proof failed for {', '.join(culprits)}: not reproducible as a set of settings (flaky or interacting)"
         )
+        if holds and elsewhere:
+            result["verdict"] += f"; {elsewhere}"
         if self.space is not None:
             result.update(self.engine_verdict(culprits, holds))
             if result.get("unexplained"):
@@ -526,6 +531,24 @@ class Search:
         }
         result.pop("settings_runs", None)
         return result
+
+
+def _elsewhere(alone: Outcome, candidate: Outcome) -> str | None:
+    """When the culprits alone first diverge at another point (or prompt) than the candidate: a
+    sentence saying so, else None. Such a set reproduces *a* divergence, not the candidate's first
+    point: what else the candidate does moves where the error shows (e.g. a reference static cache
+    differs in the prefill, while the fast engine prefills on a dynamic cache)."""
+    a, c = alone.first_divergence, candidate.first_divergence
+    if not (alone.diverges and candidate.diverges and a and c):
+        return None
+    if (alone.prompt, a.component, a.step, a.substep, a.layer) == (candidate.prompt, c.component, c.step, c.substep, c.layer):
+        return None
+    order = (a.step, a.substep, a.layer, a.component) < (c.step, c.substep, c.layer, c.component)
+    relation = "earlier than" if alone.prompt == candidate.prompt and order else "elsewhere than"
+    same = alone.prompt == candidate.prompt
+    return (f"the culprits alone first diverge at {a.where()}{'' if same else f' ({alone.prompt})'}, {relation} the "
+            f"candidate ({c.where()}{'' if same else f', {candidate.prompt}'}): they reproduce a divergence, not the "
+            f"candidate's first point, so the candidate's other differences change where it shows")
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -681,6 +704,8 @@ def render(result: dict, console) -> None:
             w = proof["candidate_without"]
             also = f" (and without {', '.join(proof['also_without'])}, which need them)" if proof.get("also_without") else ""
             console.print(f"proof: candidate without them{also} -> {_text(w)} (run {w['run']})")
+        if proof.get("elsewhere"):
+            console.print(f"proof: {proof['elsewhere']}", markup=False, highlight=False)
     for entry in result.get("layers", []):
         runs = ", ".join(str(r["run"]) for r in entry["runs"])
         console.print(f"layers: {entry['factor']}: {entry['note']} (runs {runs})")

@@ -117,6 +117,36 @@ def one_window(audio: np.ndarray, sr: int) -> np.ndarray:
     return np.tile(audio, -(-need // len(audio)))[:need]
 
 
+def dnsmos_melspec(audio: np.ndarray, n_mels: int = 120, frame_size: int = 320, hop_length: int = 160,
+                   sr: int = 16000, to_db: bool = True) -> np.ndarray:
+    """DNSMOS P.808's input features, computed as speechmos computes them (librosa's centred,
+    zero-padded Hann STFT of ``frame_size + 1`` points, power mel spectrogram, ``power_to_db`` with
+    ``ref=np.max`` and ``top_db=80``, then ``(dB + 40) / 40``), bit for bit, in numpy.
+
+    Why not librosa's own: the first ``librosa.feature`` call of an install compiles numba kernels
+    DNSMOS never uses (about 20 s on a 2-core CPU), on parity's scoring thread, holding the GIL
+    while the engines decode the next prompts. Only the mel filterbank comes from librosa (plain numpy).
+    """
+    from librosa.filters import mel as mel_filters
+    from scipy.signal import get_window
+
+    n_fft = frame_size + 1
+    y = np.asarray(audio, dtype=np.float32)
+    padded = np.pad(y, n_fft // 2, mode="constant")
+    n_frames = 1 + (padded.size - n_fft) // hop_length
+    frames = np.lib.stride_tricks.as_strided(padded, shape=(n_frames, n_fft),
+                                             strides=(padded.strides[0] * hop_length, padded.strides[0]), writeable=False)
+    # As librosa: the float64 window times float32 frames, transformed in float64, stored as complex64.
+    spectrum = np.fft.rfft(get_window("hann", n_fft, fftbins=True) * frames, axis=-1).astype(np.complex64)
+    mel = np.einsum("tf,mf->mt", np.abs(spectrum) ** 2, mel_filters(sr=sr, n_fft=n_fft, n_mels=n_mels), optimize=True)
+    if to_db:
+        amin, top_db = 1e-10, 80.0
+        log = 10.0 * np.log10(np.maximum(amin, mel))
+        log -= 10.0 * np.log10(np.maximum(amin, mel.max()))
+        mel = (np.maximum(log, log.max() - top_db) + 40) / 40
+    return mel.T
+
+
 class DnsmosScorer:
     """DNSMOS P.835 (OVRL/SIG/BAK) and P.808 from Microsoft's ``speechmos`` package."""
 
@@ -135,12 +165,16 @@ class DnsmosScorer:
                 "install it with `pip install speechmos==0.0.1.1` (tarepan's SpeechMOS is a "
                 "different package with the same import name)"
             ) from None
-        self._run = dnsmos.run
+        # speechmos's own model and scoring loop (dnsmos.run's non-personalised models), with its
+        # P.808 features computed without librosa.feature (see dnsmos_melspec).
+        models = Path(dnsmos.__file__).parent / "dnsmos_models"
+        self._model = dnsmos.DNSMOS(str(models / "sig_bak_ovr.onnx"), str(models / "model_v8.onnx"))
+        self._model.audio_melspec = dnsmos_melspec
 
     def score(self, wav: np.ndarray, sr: int) -> dict[str, float]:
         """Resample to 16 kHz, normalise to -26 dBFS and return ovrl, sig, bak and p808."""
         audio = one_window(normalise_loudness(resample(wav, sr, self.sample_rate)), self.sample_rate)
-        out = self._run(audio.astype(np.float32), self.sample_rate)
+        out = self._model(audio.astype(np.float32), self.sample_rate, False)
         return {
             "ovrl": float(out["ovrl_mos"]),
             "sig": float(out["sig_mos"]),

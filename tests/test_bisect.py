@@ -268,3 +268,24 @@ def test_a_single_trait_that_others_need_is_the_whole_answer():
     assert result["culprits"] == ["faster.static_cache"]
     assert result["proof"]["holds"]
     assert result["proof"].get("also_without") == ["faster.talker_graph"]
+
+
+def test_a_proof_that_diverges_elsewhere_than_the_candidate_says_so():
+    # The culprit alone diverges in the prefill (step 0), the whole candidate only at step 2: the
+    # verdict must not pass that off as the candidate's divergence.
+    factors, _ = find_factors(REF, CAND8)
+
+    def execute(side, purpose, names, layers=None):
+        d = "cache" in names
+        step, layer = (2, 17) if len(names) > 1 else (0, 5)
+        return Outcome(0, purpose, list(names), side.label(), d, prompt="p1",
+                       first_divergence=Divergence("talker", step, -1, layer, f"layer{layer}", rel_l2=0.002) if d else None,
+                       max_rel_l2=0.002 if d else 0.0)
+
+    result = Search(REF, factors, execute, lambda: {"talker": 28, "predictor": 5}).run()
+    assert result["culprits"] == ["cache"] and result["proof"]["holds"]
+    assert "talker step 0 layer5, earlier than the candidate (talker step 2 layer17)" in result["proof"]["elsewhere"]
+    assert result["verdict"].startswith("culprit: cache (proof holds); the culprits alone first diverge at")
+    # Where the culprits alone diverge where the candidate does, nothing is added.
+    same, _ = fake_search(lambda names, layers: "cache" in names)
+    assert "elsewhere" not in same.run()["proof"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 import subprocess
+import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -76,6 +77,47 @@ def test_dnsmos_ranks_speech_above_noise_and_silence(dnsmos, speech):
     ovrl = {name: r.scores["ovrl"] for name, r in results.items()}
     assert ovrl["speech"] > ovrl["silence"] + 0.3, ovrl
     assert ovrl["speech"] > ovrl["noise"] + 0.3, ovrl
+
+
+def test_dnsmos_features_are_speechmos_own_bit_for_bit(speech):
+    import librosa
+
+    wav, sr = speech
+    clip = mos.normalise_loudness(mos.resample(wav, sr, 16000)).astype(np.float32)
+    noise = np.clip(np.random.default_rng(0).standard_normal(16000) * 0.1, -1, 1).astype(np.float32)
+    for audio in (clip, clip[:4999], noise, np.zeros(800, dtype=np.float32)):
+        ref = librosa.feature.melspectrogram(y=audio, sr=16000, n_fft=321, hop_length=160, n_mels=120)
+        ref = ((librosa.power_to_db(ref, ref=np.max) + 40) / 40).T
+        ours = mos.dnsmos_melspec(audio)
+        assert ours.dtype == ref.dtype and ours.shape == ref.shape
+        assert np.array_equal(ours, ref)
+
+
+def test_dnsmos_scores_are_speechmos_run_exactly(dnsmos, speech):
+    from speechmos import dnsmos as speechmos_dnsmos
+
+    wav, sr = speech
+    audio = mos.one_window(mos.normalise_loudness(mos.resample(wav, sr, 16000)), 16000).astype(np.float32)
+    theirs = speechmos_dnsmos.run(audio, 16000)
+    ours = dnsmos.score(wav, sr)
+    assert ours == {"ovrl": float(theirs["ovrl_mos"]), "sig": float(theirs["sig_mos"]),
+                    "bak": float(theirs["bak_mos"]), "p808": float(theirs["p808_mos"])}
+
+
+def test_dnsmos_scoring_leaves_librosa_feature_unimported():
+    # librosa.feature compiles numba kernels on an install's first use (about 20 s, GIL held).
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np
+        from parity.mos import get_scorer
+        t = np.arange(32000) / 16000
+        print(get_scorer("dnsmos").score((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000)["ovrl"])
+        print(sorted(m for m in sys.modules if m.startswith(("librosa.feature", "librosa.sequence"))))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True).stdout
+    score, modules = out.strip().splitlines()
+    assert 1.0 <= float(score) <= 5.0
+    assert modules == "[]"
 
 
 def test_dnsmos_normalises_loudness(dnsmos, speech):

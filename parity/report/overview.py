@@ -91,6 +91,8 @@ def bisect_why(bisect: dict) -> tuple[str, list[str]]:
     elif proof.get("candidate_without"):
         without = BisectOutcome.from_json(proof["candidate_without"])
         evidence.append(f"the candidate without them: {without.text()} (run {without.run})")
+    if proof.get("elsewhere"):
+        evidence.append(proof["elsewhere"])
     for entry in bisect.get("layers") or []:
         evidence.append(f"{entry.get('factor')}: {entry.get('note')}")
     return f"bisect: {bisect.get('verdict', 'no verdict')}", evidence
