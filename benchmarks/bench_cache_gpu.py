@@ -10,6 +10,10 @@
 4. For each run, the tool's overhead: wall minus the engines' own time, where the engines' time
    is the model loads plus every reference (not cached), teacher-forced and free-running pass,
    as ``summary.json`` records them; as a share of wall (goal <= 15% on the first run).
+   Also kept: the engines' codec decoding (``codec_decode_s``, counted as tool overhead above, as
+   before, and as engine work in ``tool_overhead_share_with_codec_as_engine``), and parity's own
+   clock (``tool_time``: before the run, setup, both sides, waiting for the prompt worker; the
+   rest, ``outputs_and_exit_s``, is writing summary/junit/report and the process exiting).
 5. With ``--before-tree``, the first run again from that checkout (e.g. main before the cache),
    for the overhead before.
 Each run is a fresh process.
@@ -47,10 +51,20 @@ def timed(tree: Path, cache: Path, out: Path, extra: list[str] = (), profile: Pa
     free = sum(p["timing"]["free_s"] for p in prompts)
     loads = sum((s.get("engine_load_s") or {}).values())
     scoring = sum(p["timing"].get("scoring_s", 0.0) for p in prompts)  # on the prompt worker: overlaps the engines
+    # The engines' codecs decoding codes to audio (recorded from 2026-12-03 on; absent before).
+    audio = sum(p["timing"].get("reference_audio_s", 0.0) + p["timing"].get("candidate_audio_s", 0.0) for p in prompts)
     engines = reference + forced + free + loads
+    tool = s.get("tool_time") or {}
+    known = sum(v for v in tool.values() if isinstance(v, (int, float)))
     return {"wall_s": round(wall, 2), "engines_s": round(engines, 2), "reference_s": round(reference, 2),
             "forced_s": round(forced, 2), "free_s": round(free, 2), "loads_s": round(loads, 2),
+            "codec_decode_s": round(audio, 2),
             "tool_overhead_s": round(wall - engines, 2),
+            "tool_overhead_share_with_codec_as_engine": round((wall - engines - audio) / wall, 3),
+            # Where the wall time went: parity's own clock (summary.json tool_time); the rest is
+            # writing summary/junit/report and the process exiting.
+            "tool_time": tool, "outputs_and_exit_s": round(wall - known, 2) if tool else None,
+            "main_thread_besides_engines_s": round(tool["sides_s"] - engines - audio, 2) if tool else None,
             "scoring_s_on_worker": round(scoring, 2), "tool_overhead_share": round((wall - engines) / wall, 3),
             "reference_cache": s.get("reference_cache"), "exit_code": proc.returncode,
             "report_html_bytes": (out / "report.html").stat().st_size}

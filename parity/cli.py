@@ -215,8 +215,12 @@ def _run(prompts: Path, rec, out: Path, force: bool, resume: bool, json_out: boo
         if summary.shard is not None:
             footer.append(f"shard {summary.shard.label}: {len(summary.prompts)} of {summary.shard.total_prompts} prompts "
                           "(merge the shards with: parity merge OUT SHARD_DIR...)")
-        footer += [_cache_line(summary.extra.get("reference_cache") or {}),
-                   f"wrote {out}/report.html, summary.json, junit.xml"]
+        footer.append(_cache_line(summary.extra.get("reference_cache") or {}))
+        if level > 0:
+            from parity.report.console import time_line
+
+            footer += [line for line in [time_line(summary)] if line]
+        footer.append(f"wrote {out}/report.html, summary.json, junit.xml")
         print_summary(summary, console, seconds, load_bisect(out), verbose=level > 0, footer=footer)
     raise typer.Exit(0 if summary.passed else 1)
 

@@ -259,6 +259,7 @@ class Run:
         EngineFailure (exit 3) when an engine fails mid-run; Interrupted/KeyboardInterrupt on
         Ctrl-C. Mid-run, summary.json is written first in every case.
         """
+        self.clock = {"started": time.perf_counter(), "process_age_s": _process_age()}
         fault = parse_fault(os.environ.get(FAULT_ENV))
         faults.check()
         if (self.shard is not None or self.devices) and self.recipe.candidate.batch > 1:
@@ -317,6 +318,7 @@ class Run:
         self.peak = self.host.peak
         failure: BaseException | None = None
         self.worker = PromptWorker()
+        sides_started = time.perf_counter()
         try:
             write_json(self.out / "run.json", meta)
             faults.point("before_load")
@@ -328,10 +330,17 @@ class Run:
                 self._run_sides(todo, engines, meta, prompts, model_dir, fault)
         except (Exception, KeyboardInterrupt) as e:  # keep what finished, mark the rest, then report
             failure = e
+        drain_started = time.perf_counter()
         try:
             self.worker.close()  # every prompt whose passes finished gets its result before the summary
         except (Exception, KeyboardInterrupt) as e:
             failure = failure or e
+        meta["tool_time"] = {  # where this run's wall time went, up to writing the outputs
+            "process_age_s": self.clock["process_age_s"],  # before the run began: interpreter, imports, command line
+            "setup_s": round(sides_started - self.clock["started"], 3),  # prompts, checkpoint, preflight, scorers
+            "sides_s": round(drain_started - sides_started, 3),  # both sides' loads and passes, and what the main thread did around them
+            "drain_s": round(time.perf_counter() - drain_started, 3),  # waiting for the prompt worker's last jobs
+        }
         if self.cache is not None:
             meta["reference_cache"].update(self.cache.summary())
         meta["engine_load_s"] = dict(self.host.load_seconds)
@@ -427,7 +436,9 @@ class Run:
                         t0 = time.perf_counter()
                         trace = loaded.run(p, self.recipe.decoding)
                         trace.meta["seconds"] = time.perf_counter() - t0
+                        t0 = time.perf_counter()
                         wav, sr = loaded.decode_audio(trace.codes)
+                        trace.meta["audio_seconds"] = time.perf_counter() - t0
                         clips = [(wav, sr)] + self._extra_seeds(loaded, p, "reference")
                     except BadInput as e:
                         raise self._at(p, e) from None
@@ -488,11 +499,18 @@ class Run:
                         raise self._at(p, e) from None
                     t2 = time.perf_counter()
                     replayed = self._replay(p, ref, forced, engine) if self.recipe.probes == "sublayers" and batched is None else None
+                    t3 = time.perf_counter()
                     wav, sr = engine.decode_audio(free.codes)
+                    t4 = time.perf_counter()
                     cand_audio = [(wav, sr)] + self._extra_seeds(engine, p, "candidate")
                     free.meta["audio_nonfinite"] = first_nonfinite_sample(wav, sr)
+                    cached = bool((ref.meta.get("reference_cache") or {}).get("hit"))
+                    # *_audio_s: the engine's codec decoding its codes to a waveform (engine work, not parity's).
                     timing = {"reference_s": ref.meta["seconds"], "forced_s": t1 - t0, "free_s": t2 - t1,
-                              "reference_cached": bool((ref.meta.get("reference_cache") or {}).get("hit"))}
+                              "reference_audio_s": 0.0 if cached else float(ref.meta.get("audio_seconds", 0.0)),
+                              "candidate_audio_s": t4 - t3, "reference_cached": cached}
+                    if replayed is not None:
+                        timing["replay_s"] = t3 - t2
                     if batched is not None:
                         timing.update(batched["timing"])
                     self.worker.submit(self._finish_prompt, p, ref, forced, free, timing, truth_traces.pop(p.id, None),
@@ -656,6 +674,16 @@ class Run:
         summary, output_failure = write_run_outputs(self.out, results, meta, _failure_text(failure), getattr(self, "peak", {}))
         self.output_failure = self.output_failure or output_failure
         return summary
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc), None where that cannot be read."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return round(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 3)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def write_run_outputs(out: Path, results: list[PromptResult], meta: dict, failure: str | None,

@@ -136,6 +136,31 @@ def test_second_run_with_only_the_candidate_changed_reuses_the_reference(runs):
     assert s1["prompts"][0]["comparison"]["max_rel_l2"] != s2["prompts"][0]["comparison"]["max_rel_l2"]
 
 
+def test_where_the_time_went_is_recorded_and_shown(runs):
+    from parity.report.console import time_line
+    from parity.results import Summary
+
+    s1, s2 = _summary(runs["root"] / "r1"), _summary(runs["root"] / "r2")
+    for s in (s1, s2):
+        tool = s["tool_time"]
+        assert set(tool) == {"process_age_s", "setup_s", "sides_s", "drain_s"}
+        assert all(v >= 0 for v in tool.values())
+        # The engines' loads, passes and codec decoding happen inside the sides' span.
+        t = [p["timing"] for p in s["prompts"]]
+        engines = sum(s["engine_load_s"].values()) + sum(x["forced_s"] + x["free_s"] + x["candidate_audio_s"] for x in t)
+        engines += sum(x["reference_s"] + x["reference_audio_s"] for x in t if not x["reference_cached"])
+        assert 0 < engines <= tool["sides_s"]
+    # A cached reference decoded no audio in the second run; the first decoded it.
+    assert all(p["timing"]["reference_audio_s"] == 0 for p in s2["prompts"])
+    assert all(p["timing"]["reference_audio_s"] > 0 for p in s1["prompts"])
+    line = time_line(Summary.from_json(s1))
+    assert line.startswith("time: ") and f"both sides {s1['tool_time']['sides_s']:.1f} s" in line
+    assert line.replace("time: ", "Time: ", 1) in (runs["root"] / "r1" / "report.html").read_text()
+    # A summary from before it was recorded, or with junk in it, shows no line rather than failing.
+    assert time_line(Summary.from_json({**s1, "tool_time": None})) is None
+    assert "setup 0.0 s" in time_line(Summary.from_json({**s1, "tool_time": {**s1["tool_time"], "setup_s": "x"}}))
+
+
 def test_refresh_reference_ignores_the_cache(runs):
     out = runs["root"] / "r3"
     proc = parity("run", str(runs["prompts"]), "--out", str(out), *runs["common"], "--refresh-reference", cache=runs["cache"])

@@ -65,6 +65,30 @@ def hint_lines(summary: Summary, verbose: bool = False) -> list[str]:
     return lines
 
 
+PASS_TIMES = ("reference_s", "forced_s", "free_s", "second_arrangement_s", "replay_s")  # engine passes, per prompt
+AUDIO_TIMES = ("reference_audio_s", "candidate_audio_s")  # the engines' codecs decoding codes to audio
+
+
+def time_line(summary: Summary) -> str | None:
+    """Where the run's time went, from ``tool_time`` and the prompts' timings: 'time: 2.0 s
+    before the run, setup 5.0 s, both sides 7.0 s (engines 5.9 s: loads 1.0, passes 4.6, audio
+    decoding 0.3), 0.5 s waiting for the last results'. None for a run that did not record it."""
+    tool = summary.extra.get("tool_time")
+    if not isinstance(tool, dict) or not isinstance(tool.get("sides_s"), (int, float)):
+        return None
+    timings = [p.timing for p in summary.prompts if isinstance(p.timing, dict)]
+    # A reference from the cache took no engine time in this run.
+    passes = sum(float(t[k]) for t in timings for k in PASS_TIMES
+                 if isinstance(t.get(k), (int, float)) and not (k == "reference_s" and t.get("reference_cached")))
+    audio = sum(float(t[k]) for t in timings for k in AUDIO_TIMES if isinstance(t.get(k), (int, float)))
+    loads = sum(float(v) for v in (summary.extra.get("engine_load_s") or {}).values() if isinstance(v, (int, float)))
+    sec = {k: float(v) for k, v in tool.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    head = f"{sec['process_age_s']:.1f} s before the run, " if "process_age_s" in sec else ""
+    return (f"time: {head}setup {sec.get('setup_s', 0.0):.1f} s, both sides {sec['sides_s']:.1f} s (engines "
+            f"{loads + passes + audio:.1f} s: loads {loads:.1f}, passes {passes:.1f}, audio decoding {audio:.1f}), "
+            f"{sec.get('drain_s', 0.0):.1f} s waiting for the last results")
+
+
 def print_summary(summary: Summary, console: Console, seconds: float | None = None, bisect: dict | None = None,
                   verbose: bool = False, footer: list[str] | tuple[str, ...] = ()) -> None:
     """The per-prompt table, hints of failing prompts (of every prompt, all of them, when

@@ -10,6 +10,7 @@ that does not fit is linked by relative path instead of embedded.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from jinja2 import Environment, PackageLoader
 from parity.audio_align import CODEC_FRAME_RATE
 from parity.gates import where
 from parity.report import audio, plots, rundata
+from parity.report.console import time_line
 from parity.report.overview import bisect_why, mos_scorer, overview, short_where
 from parity.results import BisectOutcome, Summary
 from parity.report.step_summary import gate_table, write_step_summary
@@ -26,7 +28,10 @@ SIZE_LIMIT = 2_000_000  # bytes of report.html (<= 2 MB at 18 prompts x 32 frame
 _MARGIN = 64_000  # slack for the markup around embedded audio
 
 
+@functools.lru_cache(maxsize=1)
 def _env() -> Environment:
+    """One Jinja environment per process: a report renders twice (sizing, then final) and the
+    template compiles once."""
     env = Environment(loader=PackageLoader("parity", "report/templates"), autoescape=True,
                       trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _num
@@ -301,9 +306,11 @@ def _render(summary: dict, run_dir: Path, views: list[dict], embed: dict[str, bo
     views = [_with_audio(v, run_dir, embed.get(v["p"]["id"], False)) for v in views]
     with_audio = [v for v in views if any(c.src for c in v.get("clips", []))]
     settings = _settings(summary.get("sides") or (summary.get("recipe") or {}))
+    typed = Summary.from_json(summary)
     return _env().get_template("report.html.j2").render(
         s=summary,
-        o=overview(Summary.from_json(summary), bisect_result),
+        o=overview(typed, bisect_result),
+        time_line=time_line(typed),
         gates=gate_table(summary),
         settings=settings,
         differs=[r for r in settings["rows"] if r["differs"]],
