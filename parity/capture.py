@@ -2,12 +2,16 @@
 
 While a run or a bisect executes, file descriptor 1 (Python's ``print`` and C libraries alike)
 points at a temporary file; afterwards stdout is restored and the text goes to ``engine.log`` in
-the run directory, so stdout holds only parity's own output (the table, or ``--json``).
+the run directory, so stdout holds only parity's own output (the table, or ``--json``). Warnings
+the engines log through Python's ``logging`` without a handler of their own (faster-qwen3-tts's
+"Could not infer sample rate from base model") would otherwise reach stderr, between parity's
+progress lines: a root handler catches them into the same log for the block.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -23,11 +27,15 @@ def engine_output_to(out_dir_of: "callable", name: str = "engine.log") -> Iterat
     sys.stdout.flush()
     saved = os.dup(1)
     tmp = tempfile.NamedTemporaryFile(prefix="parity-engine-", suffix=".log", delete=False)
+    handler = logging.StreamHandler(sys.stdout)  # fd 1, i.e. the temporary file, while the block runs
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     try:
         os.dup2(tmp.fileno(), 1)
+        logging.getLogger().addHandler(handler)
         try:
             yield
         finally:
+            logging.getLogger().removeHandler(handler)
             sys.stdout.flush()
             os.dup2(saved, 1)
             tmp.close()

@@ -177,19 +177,24 @@ def test_quiet_progress_prints_nothing():
 
 def test_engine_prints_go_to_the_log_not_stdout(tmp_path):
     code = (
-        "import os, sys\n"
+        "import logging, os, sys\n"
         "from parity.capture import engine_output_to\n"
         "print('before')\n"
         f"with engine_output_to(lambda: {str(tmp_path)!r}):\n"
         "    print('CUDA graph captured!')\n"
         "    os.write(1, b'from C\\n')\n"
+        "    logging.getLogger('faster_qwen3_tts.model').warning('Could not infer sample rate')\n"
         "print('after')\n"
+        "logging.getLogger('faster_qwen3_tts.model').warning('outside the block')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["before", "after"]
-    assert (tmp_path / "engine.log").read_text().split("\n")[:2] == ["CUDA graph captured!", "from C"]
+    assert (tmp_path / "engine.log").read_text().split("\n")[:3] == [
+        "CUDA graph captured!", "from C", "WARNING faster_qwen3_tts.model: Could not infer sample rate"]
+    # Logged inside the block: in the log only; outside it: on stderr as Python prints it.
+    assert proc.stderr.strip() == "outside the block"
 
 
 def test_bisect_renders_as_tables_with_a_verdict_line(tmp_path):
