@@ -543,9 +543,9 @@ def _elsewhere(alone: Outcome, candidate: Outcome) -> str | None:
         return None
     if (alone.prompt, a.component, a.step, a.substep, a.layer) == (candidate.prompt, c.component, c.step, c.substep, c.layer):
         return None
-    order = (a.step, a.substep, a.layer, a.component) < (c.step, c.substep, c.layer, c.component)
-    relation = "earlier than" if alone.prompt == candidate.prompt and order else "elsewhere than"
     same = alone.prompt == candidate.prompt
+    earlier = same and (a.step, a.substep, a.layer, a.component) < (c.step, c.substep, c.layer, c.component)
+    relation = "earlier than" if earlier else "elsewhere than"
     return (f"the culprits alone first diverge at {a.where()}{'' if same else f' ({alone.prompt})'}, {relation} the "
             f"candidate ({c.where()}{'' if same else f', {candidate.prompt}'}): they reproduce a divergence, not the "
             f"candidate's first point, so the candidate's other differences change where it shows")

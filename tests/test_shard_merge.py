@@ -217,3 +217,12 @@ def test_an_out_of_memory_worker_marks_its_prompt_failed(suite, tmp_path):
     assert "OutOfMemoryError" in s["prompts"][2]["reason"]
     junit = (out / "junit.xml").read_text(encoding="utf-8")
     assert 'classname="parity.p002" name="run"' in junit and "prompt not run (failed: worker" in junit
+    # Where the time went: the engines' time is the workers' summed (they ran side by side).
+    from parity.report.console import time_line
+    from parity.results import Summary
+
+    line = time_line(Summary.from_json(s))
+    loads = sum(v for w in s["engine_load_s_per_worker"].values() for v in w.values())
+    workers = len(s["engine_load_s_per_worker"])  # a worker that died reports no loads
+    assert workers >= 1 and loads > 0
+    assert f"summed over {workers} worker{'s' if workers > 1 else ''}:" in line and f"loads {loads:.1f}" in line

@@ -81,11 +81,17 @@ def time_line(summary: Summary) -> str | None:
     passes = sum(float(t[k]) for t in timings for k in PASS_TIMES
                  if isinstance(t.get(k), (int, float)) and not (k == "reference_s" and t.get("reference_cached")))
     audio = sum(float(t[k]) for t in timings for k in AUDIO_TIMES if isinstance(t.get(k), (int, float)))
-    loads = sum(float(v) for v in (summary.extra.get("engine_load_s") or {}).values() if isinstance(v, (int, float)))
+    # --devices: each worker loads its own engines and they run side by side, so the engines' time
+    # is a sum over workers and can exceed the span of both sides.
+    workers = summary.extra.get("engine_load_s_per_worker")
+    per_load = list(workers.values()) if isinstance(workers, dict) else [summary.extra.get("engine_load_s")]
+    loads = sum(float(v) for d in per_load if isinstance(d, dict) for v in d.values() if isinstance(v, (int, float)))
+    n = len(workers) if isinstance(workers, dict) else 0
+    summed = f", summed over {n} worker{'s' if n > 1 else ''}" if n else ""
     sec = {k: float(v) for k, v in tool.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     head = f"{sec['process_age_s']:.1f} s before the run, " if "process_age_s" in sec else ""
     return (f"time: {head}setup {sec.get('setup_s', 0.0):.1f} s, both sides {sec['sides_s']:.1f} s (engines "
-            f"{loads + passes + audio:.1f} s: loads {loads:.1f}, passes {passes:.1f}, audio decoding {audio:.1f}), "
+            f"{loads + passes + audio:.1f} s{summed}: loads {loads:.1f}, passes {passes:.1f}, audio decoding {audio:.1f}), "
             f"{sec.get('drain_s', 0.0):.1f} s waiting for the last results")
 
 
