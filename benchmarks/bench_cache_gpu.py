@@ -14,7 +14,9 @@
    before, and as engine work in ``tool_overhead_share_with_codec_as_engine``), and parity's own
    clock (``tool_time``: before the run, setup, both sides, waiting for the prompt worker; the
    rest, ``outputs_and_exit_s``, is writing summary/junit/report and the process exiting).
-5. With ``--before-tree``, the first run again from that checkout (e.g. main before the cache),
+5. The engines' own start-up, for scale: a bare process importing torch, transformers, qwen_tts
+   and faster_qwen3_tts (what running either engine without parity also pays), fastest of 2.
+6. With ``--before-tree``, the first run again from that checkout (e.g. main before the cache),
    for the overhead before.
 Each run is a fresh process.
 """
@@ -70,11 +72,23 @@ def timed(tree: Path, cache: Path, out: Path, extra: list[str] = (), profile: Pa
             "report_html_bytes": (out / "report.html").stat().st_size}
 
 
+def engine_imports_s() -> float:
+    """Seconds a bare process takes to import the engines' stack (the fastest of 2)."""
+    code = "import torch, transformers, qwen_tts, faster_qwen3_tts"
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+        times.append(time.perf_counter() - t0)
+    return round(min(times), 2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--before-tree", type=Path)
     ap.add_argument("--profile", type=Path, help="also run the second run once more under cProfile; top functions to this file")
+    ap.add_argument("--keep", type=Path, help="copy each run's directory here, without its traces (summary, results, report)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="parity-gpu-bench-"))
     try:
@@ -84,7 +98,14 @@ def main() -> None:
                             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}, check=True, cwd=REPO)
         first = timed(REPO, cache, root / "first")
         second = timed(REPO, cache, root / "second", ["--set", "candidate.attention=eager"])
+        if args.keep:
+            for name in ("first", "second"):
+                shutil.copytree(root / name, args.keep / name, ignore=shutil.ignore_patterns("traces"), dirs_exist_ok=True)
+        imports = engine_imports_s()
+        for run in (first, second):
+            run["tool_overhead_share_beyond_engine_imports"] = round((run["tool_overhead_s"] - imports) / run["wall_s"], 3)
         result = {
+            "engine_stack_import_s": imports,
             "what": "en_zh_18 x 32 frames, faster-qwen3-tts.toml: first run (empty reference cache) vs a second run with "
                     "only the candidate changed (cached reference); tool overhead = wall - (model loads + engine passes)",
             "first": first, "second_candidate_changed": second,

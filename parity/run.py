@@ -41,6 +41,7 @@ from parity.preflight import local_checkpoint
 from parity.prompts import Prompt, load_prompts
 from parity.outputs import write_json
 from parity.recipe import Recipe
+from parity.report import audio as report_audio
 from parity.results import PromptResult, Summary
 from parity.trace import Trace
 
@@ -259,7 +260,8 @@ class Run:
         EngineFailure (exit 3) when an engine fails mid-run; Interrupted/KeyboardInterrupt on
         Ctrl-C. Mid-run, summary.json is written first in every case.
         """
-        self.clock = {"started": time.perf_counter(), "process_age_s": _process_age()}
+        self.clock = {"started": time.perf_counter(), "process_age_s": _process_age(), "setup_parts": {}}
+        self._lap_at = self.clock["started"]
         fault = parse_fault(os.environ.get(FAULT_ENV))
         faults.check()
         if (self.shard is not None or self.devices) and self.recipe.candidate.batch > 1:
@@ -278,7 +280,9 @@ class Run:
 
         check_prompts(prompts, None, self.prompts_path)  # reference clips, before anything else (again with the model type in preflight)
         previous = check_out_dir(self.out, force, resume)
+        self._lap("prompts_s")
         model_dir = resolve_model(self.recipe.model, self.recipe.model_seed)
+        self._lap("checkpoint_s")
         meta = {
             "command": self.command, "prompts_file": str(self.prompts_path), "prompts_digest": prompts_digest(prompts),
             "model": self.recipe.model, "model_dir": str(model_dir),
@@ -296,11 +300,15 @@ class Run:
             meta["test_fault_at"] = os.environ[faults.ENV]
         if previous is not None:
             check_resumable(previous, meta, self.out)
+        self._lap("environment_s")
         self.host = EngineHost(self.recipe, model_dir, prompts, self.prompts_path, freeze_heap=self.freeze_heap)
         self.host.preflight()
+        self._lap("preflight_s")
         # Scorers load before any engine, so a missing UTMOS checkpoint is refused up front.
         self.scorers = scoring.load_scorers(self.recipe.mos.scorers, self.recipe.mos.utmos_checkpoint)
+        self._lap("scorers_s")
         engines = {role: self.host.make(getattr(self.recipe, role), role) for role in ("reference", "candidate")}
+        self._lap("engines_made_s")
         self.recipe_digest = digest.recipe_digest(meta["recipe"], meta["prompts_digest"])
         make_out_dir(self.out)
         with outdir.RunLock(self.out, self.command):
@@ -313,6 +321,7 @@ class Run:
         prepare_out_dir(self.out, force, resume)
         todo = [p for p in prompts if not (resume and self._finished(p))]
         self.cache = self._reference_cache(model_dir, fault)
+        self._lap("reference_cache_s")
         meta["reference_cache"] = {"dir": str(self.cache.root)} if self.cache else {"off": self._cache_off_reason(model_dir, fault)}
         meta["cpu_threads"] = torch.get_num_threads()
         self.peak = self.host.peak
@@ -338,6 +347,7 @@ class Run:
         meta["tool_time"] = {  # where this run's wall time went, up to writing the outputs
             "process_age_s": self.clock["process_age_s"],  # before the run began: interpreter, imports, command line
             "setup_s": round(sides_started - self.clock["started"], 3),  # prompts, checkpoint, preflight, scorers
+            "setup_parts": self.clock["setup_parts"],  # setup_s by stage, in order
             "sides_s": round(drain_started - sides_started, 3),  # both sides' loads and passes, and what the main thread did around them
             "drain_s": round(time.perf_counter() - drain_started, 3),  # waiting for the prompt worker's last jobs
         }
@@ -361,6 +371,12 @@ class Run:
         if failure is not None:
             raise EngineFailure(f"engine failed: {_one_line(failure)}; {saved}; rerun with --resume") from failure
         return summary
+
+    def _lap(self, name: str) -> None:
+        """Record the seconds since the previous lap of setup under ``name``."""
+        now = time.perf_counter()
+        self.clock["setup_parts"][name] = round(now - self._lap_at, 3)
+        self._lap_at = now
 
     def _cache_off_reason(self, model_dir, fault) -> str:
         if fault and fault[0] == "reference":
@@ -464,6 +480,7 @@ class Run:
         trace.meta["audio_nonfinite"] = first_nonfinite_sample(*clips[0])
         trace.save(self.out / "traces", f"{p.id}.reference", tokens_only=self.recipe.traces == "tokens")
         write_wav(self.out / "audio" / f"{p.id}.reference.wav", *clips[0])
+        report_audio.encode_ahead(self.out / "audio" / f"{p.id}.reference.wav")
         for k, (wav, sr) in enumerate(clips[1:], start=1):
             write_wav(self.out / "audio" / f"{p.id}.reference.seed{k}.wav", wav, sr)
 
@@ -621,6 +638,7 @@ class Run:
         free.save(self.out / "traces", f"{p.id}.candidate.free")
         if cand_audio:
             write_wav(self.out / "audio" / f"{p.id}.candidate.wav", *cand_audio[0])
+            report_audio.encode_ahead(self.out / "audio" / f"{p.id}.candidate.wav")
         t0 = time.perf_counter()
         mos_result = scoring.score_pairs(getattr(self, "scorers", {}), ref_audio or [], cand_audio or [],
                                          ref_scores=ref_scores.result() if ref_scores is not None else None)

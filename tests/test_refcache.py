@@ -92,6 +92,26 @@ def test_weights_digest_is_memoised_by_size_and_mtime(tiny_dir, tmp_path):
     assert weights_digest(copy, memo) != first
 
 
+def test_a_big_file_is_digested_in_pieces_that_cover_every_byte(tmp_path, monkeypatch):
+    import hashlib
+
+    from parity import refcache
+
+    monkeypatch.setattr(refcache, "PIECE", 1000)
+    small, big = tmp_path / "small", tmp_path / "big"
+    small.write_bytes(b"x" * 1000)
+    data = bytes(range(256)) * 10 + b"tail"  # 2564 bytes: pieces of 1000, 1000 and 564
+    big.write_bytes(data)
+    assert refcache.file_digest(small) == hashlib.sha256(b"x" * 1000).hexdigest()  # one piece: plain SHA-256
+    pieces = b"".join(hashlib.sha256(data[i:i + 1000]).digest() for i in range(0, len(data), 1000))
+    assert refcache.file_digest(big) == "pieces:" + hashlib.sha256(b"1000\n" + pieces).hexdigest()
+    for where in (0, 1500, len(data) - 1):  # a change in any piece, the last byte too, changes it
+        changed = bytearray(data)
+        changed[where] ^= 1
+        big.write_bytes(bytes(changed))
+        assert refcache.file_digest(big) != "pieces:" + hashlib.sha256(b"1000\n" + pieces).hexdigest()
+
+
 # -- reuse, refresh, corruption --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -142,9 +162,12 @@ def test_where_the_time_went_is_recorded_and_shown(runs):
 
     s1, s2 = _summary(runs["root"] / "r1"), _summary(runs["root"] / "r2")
     for s in (s1, s2):
-        tool = s["tool_time"]
-        assert set(tool) == {"process_age_s", "setup_s", "sides_s", "drain_s"}
-        assert all(v >= 0 for v in tool.values())
+        tool = dict(s["tool_time"])
+        assert set(tool) == {"process_age_s", "setup_s", "setup_parts", "sides_s", "drain_s"}
+        parts = tool.pop("setup_parts")
+        assert all(v >= 0 for v in tool.values()) and all(v >= 0 for v in parts.values())
+        assert set(parts) >= {"prompts_s", "checkpoint_s", "preflight_s", "scorers_s", "engines_made_s", "reference_cache_s"}
+        assert sum(parts.values()) <= tool["setup_s"] + 0.01  # the stages are laps of the setup
         # The engines' loads, passes and codec decoding happen inside the sides' span.
         t = [p["timing"] for p in s["prompts"]]
         engines = sum(s["engine_load_s"].values()) + sum(x["forced_s"] + x["free_s"] + x["candidate_audio_s"] for x in t)
@@ -159,6 +182,11 @@ def test_where_the_time_went_is_recorded_and_shown(runs):
     # A summary from before it was recorded, or with junk in it, shows no line rather than failing.
     assert time_line(Summary.from_json({**s1, "tool_time": None})) is None
     assert "setup 0.0 s" in time_line(Summary.from_json({**s1, "tool_time": {**s1["tool_time"], "setup_s": "x"}}))
+    # The setup's stages of 0.1 s or more, largest first.
+    parts = {"preflight_s": 0.5, "scorers_s": 2.0, "prompts_s": 0.01, "environment_s": True}
+    line = time_line(Summary.from_json({**s1, "tool_time": {**s1["tool_time"], "setup_parts": parts}}))
+    assert "(scorers 2.0, preflight 0.5)," in line
+    assert "setup_parts" not in line
 
 
 def test_refresh_reference_ignores_the_cache(runs):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -64,8 +65,42 @@ def embedded_bytes(path: Path) -> int:
     return wav_size if info is None else min(wav_size, int(info[0] * MP3_BYTES_PER_S) + 2048)
 
 
+# Data URIs encoded ahead by the run's prompt worker, by (path, size, mtime): the report, written
+# in the same process at the end, takes them from here instead of encoding every clip then.
+_AHEAD: dict[tuple[str, int, int], str] = {}
+_AHEAD_LOCK = threading.Lock()
+AHEAD_CHARS = 2_000_000  # about one report's worth; clips past it are encoded when the report is written
+
+
+def _stamp(path: Path) -> tuple[str, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def encode_ahead(path: Path) -> None:
+    """Encode a WAV's data URI now (the run calls this on its prompt worker, beside the engines),
+    while the clips encoded so far hold less than ``AHEAD_CHARS``."""
+    stamp = _stamp(path)
+    with _AHEAD_LOCK:
+        if stamp is None or sum(len(v) for v in _AHEAD.values()) >= AHEAD_CHARS:
+            return
+    uri = _encode(path)
+    with _AHEAD_LOCK:
+        _AHEAD[stamp] = uri
+
+
 def data_uri(path: Path) -> str:
     """A WAV as an MP3 data URI (the WAV itself when MP3 cannot carry it)."""
+    stamp = _stamp(path)
+    with _AHEAD_LOCK:
+        ahead = _AHEAD.pop(stamp, None) if stamp else None
+    return ahead if ahead is not None else _encode(path)
+
+
+def _encode(path: Path) -> str:
     import soundfile as sf
 
     try:

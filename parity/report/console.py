@@ -69,6 +69,16 @@ PASS_TIMES = ("reference_s", "forced_s", "free_s", "second_arrangement_s", "repl
 AUDIO_TIMES = ("reference_audio_s", "candidate_audio_s")  # the engines' codecs decoding codes to audio
 
 
+def _setup_parts(parts) -> str:
+    """' (preflight 1.2, scorers 0.8)': the setup stages of 0.1 s or more, largest first."""
+    if not isinstance(parts, dict):
+        return ""
+    big = sorted(((float(v), str(k)) for k, v in parts.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0.1), reverse=True)
+    shown = ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {v:.1f}" for v, name in big[:4])
+    return f" ({shown})" if shown else ""
+
+
 def time_line(summary: Summary) -> str | None:
     """Where the run's time went, from ``tool_time`` and the prompts' timings: 'time: 2.0 s
     before the run, setup 5.0 s, both sides 7.0 s (engines 5.9 s: loads 1.0, passes 4.6, audio
@@ -90,7 +100,7 @@ def time_line(summary: Summary) -> str | None:
     summed = f", summed over {n} worker{'s' if n > 1 else ''}" if n else ""
     sec = {k: float(v) for k, v in tool.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     head = f"{sec['process_age_s']:.1f} s before the run, " if "process_age_s" in sec else ""
-    return (f"time: {head}setup {sec.get('setup_s', 0.0):.1f} s, both sides {sec['sides_s']:.1f} s (engines "
+    return (f"time: {head}setup {sec.get('setup_s', 0.0):.1f} s{_setup_parts(tool.get('setup_parts'))}, both sides {sec['sides_s']:.1f} s (engines "
             f"{loads + passes + audio:.1f} s{summed}: loads {loads:.1f}, passes {passes:.1f}, audio decoding {audio:.1f}), "
             f"{sec.get('drain_s', 0.0):.1f} s waiting for the last results")
 
