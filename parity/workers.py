@@ -150,13 +150,15 @@ def run_on_devices(runner, todo: list, meta: dict, all_prompts: list) -> None:
                     del live[conn]
                     continue
                 kind = message[0]
-                if kind in ("want", "exit"):  # ("want", finished ids, sides) / ("exit", finished ids, info)
+                if kind in ("want", "exit"):  # ("want", finished ids, sides, load seconds) / ("exit", finished ids, info)
                     for pid in message[1]:
                         w.assigned.remove(pid)
                         w.finished.append(pid)
                         done += 1
                         runner.progress("prompts", done, total)
                 if kind == "want":
+                    if len(message) > 3 and message[3]:  # known as soon as loaded, so a worker that dies later keeps them
+                        w.info["load_s"] = dict(message[3])
                     for role, described in (message[2] or {}).items():
                         meta.setdefault("sides", {}).setdefault(role, described)
                     next_id = queue.popleft() if queue else None
@@ -166,7 +168,7 @@ def run_on_devices(runner, todo: list, meta: dict, all_prompts: list) -> None:
                 elif kind == "error":  # ("error", exit code, one line): the worker exits next
                     w.exit_code, w.failure = message[1], message[2]
                 elif kind == "exit":
-                    w.info = message[2]
+                    w.info = {**w.info, **message[2]}
     except BaseException:
         for w in workers:  # Ctrl-C / SIGTERM: stop every worker; finished prompts stay on disk
             if w.process.is_alive():
@@ -275,7 +277,7 @@ def worker_main(job: WorkerJob, conn) -> None:
             # prompt worker (parity.background) and overlap the next prompt's passes. A prompt is
             # reported finished once that job is done (its result is on disk).
             runner._run_sides([prompts[prompt_id]], engines, meta, list(prompts.values()), model_dir, fault)
-            conn.send(("want", runner.worker.finished(), meta.get("sides") or {}))
+            conn.send(("want", runner.worker.finished(), meta.get("sides") or {}, dict(runner.host.load_seconds)))
         runner.worker.close()
         runner.host.close_all()
         cache = runner.cache.summary() if runner.cache is not None else None
