@@ -314,6 +314,9 @@ def _prepare(job: WorkerJob):
     device = "cuda" if job.device.startswith("cuda") else "cpu"
     sides = ["reference", "candidate"] + (["truth"] if recipe.truth is not None else [])
     recipe = apply_overrides(recipe, [(f"{role}.device", device) for role in sides])
+    from parity.report import audio as report_audio
+
+    report_audio.AHEAD_CHARS = 0  # the parent writes the report: clips encoded here would be thrown away
     runner = Run(Path(job.prompts_path), recipe, Path(job.out), job.command, refresh_reference=job.refresh_reference)
     runner.recipe_digest = job.recipe_digest
     runner.worker_info = {"index": job.index, "device": job.device, "pid": os.getpid()}
