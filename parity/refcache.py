@@ -81,7 +81,7 @@ def _piece_sha256(fd: int, start: int, size: int) -> bytes:
 
 def file_digest(path: Path) -> str:
     """A checkpoint file's content digest: its SHA-256 when it fits one piece (``PIECE``), else
-    the SHA-256 over its pieces' SHA-256s, which are computed on all cores at once (one
+    the SHA-256 over its pieces' SHA-256s, which are computed on up to 8 cores at once (one
     SHA-256 stream runs at about 1-2 GB/s, and checkpoints are several GB)."""
     size = path.stat().st_size
     if size <= PIECE:

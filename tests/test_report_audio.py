@@ -55,3 +55,17 @@ def test_encoding_ahead_stops_at_about_one_report(tmp_path, monkeypatch):
     assert len(audio._AHEAD) == 1
     assert audio.data_uri(second) == audio._encode(second)  # still embedded, encoded when asked
     audio.encode_ahead(tmp_path / "missing.wav")  # a file that is gone is not an error
+
+
+def test_a_clip_that_fails_to_encode_ahead_fails_nothing(tmp_path, monkeypatch):
+    wav = tmp_path / "a.wav"
+    _wav(wav, 440)
+
+    def broken(path):
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(audio, "_encode", broken)
+    audio.encode_ahead(wav)  # on the prompt worker: a failure here must not fail the prompt
+    assert not audio._AHEAD
+    monkeypatch.undo()
+    assert audio.data_uri(wav).startswith("data:audio/mpeg;base64,")  # the report encodes it itself

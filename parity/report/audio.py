@@ -87,7 +87,10 @@ def encode_ahead(path: Path) -> None:
     with _AHEAD_LOCK:
         if stamp is None or sum(len(v) for v in _AHEAD.values()) >= AHEAD_CHARS:
             return
-    uri = _encode(path)
+    try:
+        uri = _encode(path)
+    except Exception:  # only a speed-up: never fail the prompt; the report encodes the clip itself
+        return
     with _AHEAD_LOCK:
         _AHEAD[stamp] = uri
 
